@@ -79,12 +79,18 @@ def _assert_update_close(actual: Tensor, expected: Tensor, where: str) -> None:
     assert error <= RTOL * scale, f"{where}: max error {error:.3e} vs scale {scale:.3e}"
 
 
-def _run_pair(shapes: Sequence[tuple[int, ...]], steps: int = 14, seed: int = 0, **overrides: Any) -> None:
+def _run_pair(
+    shapes: Sequence[tuple[int, ...]],
+    steps: int = 14,
+    seed: int = 0,
+    optimizer_only: dict[str, Any] | None = None,
+    **overrides: Any,
+) -> None:
     hp = {**BASE, **overrides}
     gen = torch.Generator().manual_seed(seed + 1)
     inits = [torch.randn(shape, generator=gen) for shape in shapes]
     params = [nn.Parameter(x.clone()) for x in inits]
-    optimizer = Shampoo(params, **hp)
+    optimizer = Shampoo(params, **hp, **(optimizer_only or {}))
     reference = ReferenceShampoo(inits, **hp)
     stream = GradientStream(shapes, seed)
     for t in range(1, steps + 1):
@@ -145,6 +151,12 @@ def test_matches_reference(case: str) -> None:
 @pytest.mark.parametrize("graft", ["adam", "adagrad", "rmsprop", "sgd", "none"])
 def test_graft_matches_reference(graft: str) -> None:
     _run_pair([(10, 7), (5,), ()], steps=16, graft=graft, block_size=4)
+
+
+@pytest.mark.parametrize("case", ["2d", "3d_unmerged", "blocked_uneven_edges", "exponent_override_8", "1d"])
+def test_newton_roots_match_the_eigh_reference(case: str) -> None:
+    shapes, overrides = CASES[case]
+    _run_pair(shapes, optimizer_only={"inverse_root": "newton"}, **overrides)
 
 
 def test_param_groups_with_different_lr() -> None:
