@@ -10,10 +10,19 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import grafting
+from . import distributed, grafting
 from .blocking import BlockPlan, plan_blocks
+from .distributed import DISTRIBUTE_MODES, ParameterSync, Sharding, local
 from .kronecker import precondition, update_statistics
-from .refresh import EveryNSteps, FactorSnapshot, RefreshEngine, RefreshPolicy, RootSettings
+from .refresh import (
+    MODES,
+    EveryNSteps,
+    FactorSnapshot,
+    FunctionPolicy,
+    RefreshEngine,
+    RefreshPolicy,
+    RootSettings,
+)
 from .roots import RootResult
 
 _INVERSE_ROOTS = ("eigh", "newton")
@@ -66,9 +75,28 @@ class Shampoo(Optimizer):
         max_preconditioned_dim: dims larger than this keep an identity factor (e.g. vocabularies).
         precondition_1d: give order-1 parameters (biases, norms) a factor; else graft only.
         max_root_residual: reject a root whose residual check exceeds this.
-        refresh_lag: install roots this many steps after their snapshot (0: same step).
-        refresh_policy: decides which steps refresh; default every ``precondition_frequency`` steps.
+        refresh: where roots are computed and when they are installed (see :mod:`.refresh`):
+            ``"sync"``: inside ``step()``; ``"async"``: on a background CPU thread, used from exactly
+            ``refresh_lag`` steps after their snapshot (the step waits if they are late), bitwise the
+            trajectory of ``"sync"`` with the same lag; ``"best_effort"``: on the background thread, used
+            from the first step boundary at which they are ready and at most ``refresh_lag`` steps after
+            their snapshot (the step waits then); it never waits otherwise and is not reproducible.
+            Background modes compute on the host CPU (from CUDA: pinned, non-blocking copies).
+        refresh_lag: steps from a snapshot to the install of its roots (the bound on it for
+            ``"best_effort"``); default 0 for ``"sync"``, ``precondition_frequency`` otherwise.
+        refresh_policy: decides which steps refresh: a :class:`RefreshPolicy` (e.g. ``OnRequest()``) or a
+            function ``step -> bool``; default every ``precondition_frequency`` steps.
+        refresh_threads: intra-op CPU threads of the root computation, in every mode (so sync and async
+            agree bitwise); default: torch's thread count. Keep it below the core count for background
+            refreshes next to CPU training, so the two do not share cores.
         check_finite: skip parameters with non-finite gradients (one host sync per step).
+        distribute: with a process group of several ranks and replicated parameters (DDP),
+            ``"sharded"`` gives every parameter one owner rank (cost-balanced) that alone keeps its state and
+            computes its update, then all-gathers the parameters in one collective per step (see
+            :mod:`.distributed`); ``"replicated"``: every rank does all the work. DTensor parameters (FSDP2)
+            are always preconditioned shard-locally. Checkpoints: :meth:`consolidate_state_dict`.
+        process_group: the data-parallel group to shard over; default: the default group, if initialized
+            when the first step runs (or see :meth:`set_process_group`).
     """
 
     def __init__(
@@ -92,9 +120,13 @@ class Shampoo(Optimizer):
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
         max_root_residual: float = 0.1,
-        refresh_lag: int = 0,
-        refresh_policy: RefreshPolicy | None = None,
+        refresh: str = "sync",
+        refresh_lag: int | None = None,
+        refresh_policy: RefreshPolicy | Callable[[int], bool] | None = None,
+        refresh_threads: int | None = None,
         check_finite: bool = True,
+        distribute: str = "sharded",
+        process_group: Any = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -124,20 +156,49 @@ class Shampoo(Optimizer):
             f"inverse_root must be one of {_INVERSE_ROOTS}, got {inverse_root!r}",
         )
         _require(max_root_residual > 0, f"max_root_residual must be > 0, got {max_root_residual}")
+        _require(refresh in MODES, f"refresh must be one of {MODES}, got {refresh!r}")
+        _require(
+            distribute in DISTRIBUTE_MODES,
+            f"distribute must be one of {DISTRIBUTE_MODES}, got {distribute!r}",
+        )
+        if refresh_lag is None:
+            refresh_lag = 0 if refresh == "sync" else precondition_frequency
         _require(refresh_lag >= 0, f"refresh_lag must be >= 0, got {refresh_lag}")
+        _require(
+            refresh_threads is None or refresh_threads >= 1,
+            f"refresh_threads must be None or >= 1, got {refresh_threads}",
+        )
+        if refresh_policy is not None and not isinstance(refresh_policy, RefreshPolicy):
+            _require(
+                callable(refresh_policy),
+                f"refresh_policy must be a RefreshPolicy or a function step -> bool, got {refresh_policy!r}",
+            )
+            refresh_policy = FunctionPolicy(refresh_policy)
         super().__init__(params, defaults)
         for group in self.param_groups:
             _validate_group(group)
         self.statistics_frequency = statistics_frequency
         self.check_finite = check_finite
         self.policy = refresh_policy or EveryNSteps(start_preconditioning_step, precondition_frequency)
-        self._engine = RefreshEngine(RootSettings(inverse_root, max_root_residual), lag=refresh_lag)
+        self._engine = RefreshEngine(
+            RootSettings(inverse_root, max_root_residual),
+            mode=refresh,
+            lag=refresh_lag,
+            threads=refresh_threads,
+        )
         self._step = 0
         self._refresh_requested = False
         self._plans: dict[Tensor, BlockPlan] = {}
         self._warned_nonfinite: set[int] = set()
         self._counters = {"nonfinite_skips": 0, "refreshes": 0, "roots_accepted": 0, "roots_rejected": 0}
         self._max_residual = 0.0
+        self._distribute = distribute
+        self._process_group = process_group
+        self._precondition_frequency = precondition_frequency
+        self._sharding_resolved = False
+        self._sharding: Sharding | None = None
+        self._sync: ParameterSync | None = None
+        self._consolidated: dict[str, Any] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -145,15 +206,61 @@ class Shampoo(Optimizer):
         """Refresh every preconditioner at the next step, whatever the policy says."""
         self._refresh_requested = True
 
+    def set_process_group(self, group: Any) -> None:
+        """Shard over ``group`` (e.g. the data-parallel group, from a Lightning strategy's ``setup``).
+
+        Collective: call on every rank of ``group``, before the first step (state loaded from a complete
+        checkpoint is kept for the parameters this rank owns).
+        """
+        if self._sharding is not None and self._step:
+            raise RuntimeError(
+                "Shampoo.set_process_group() after sharded steps would lose the other ranks' state; call it "
+                "before the first step."
+            )
+        self._process_group = group
+        self._sharding_resolved = False
+        self._sharding = self._sync = None
+        self._resolve_sharding()
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the complete state on rank ``to``, whose next :meth:`state_dict` (this step) returns it.
+
+        Collective over the sharding group (call it on every rank), like ``ZeroRedundancyOptimizer``'s;
+        Lightning calls it before saving. A no-op when the state is not sharded by parameter. For large
+        models prefer the per-rank path of :mod:`lightning_shampoo.checkpoint`.
+        """
+        sharding = self._resolve_sharding()
+        self._consolidated = None
+        if sharding is not None:
+            self._consolidated = distributed.gather_state_dicts(self._local_state_dict(), to, sharding)
+
     def metrics(self) -> dict[str, float]:
-        """Counters for logging: skipped non-finite gradients, refreshes, accepted/rejected roots."""
+        """Plain floats for logging.
+
+        ``nonfinite_skips``, ``refreshes`` (submitted), ``roots_accepted``, ``roots_rejected``,
+        ``max_root_residual``, ``step``, and from the refresh engine: ``installs``, ``in_flight``
+        (submitted, not yet installed), ``refresh_latency_s`` / ``refresh_latency_mean_s`` (snapshot →
+        roots ready, last / mean over installs), ``staleness`` / ``staleness_mean`` (steps from snapshot to
+        use), ``wait_s`` (total seconds ``step()`` was blocked on root computation).
+        """
         out = {name: float(value) for name, value in self._counters.items()}
         out["max_root_residual"] = self._max_residual
         out["step"] = float(self._step)
+        out.update(self._engine.metrics())
         return out
 
+    def drain(self) -> None:
+        """Block until every in-flight refresh is computed (e.g. before a checkpoint, which then holds the
+        results); re-raises a failure of the background worker."""
+        self._engine.drain()
+
     def close(self) -> None:
-        """Stop the refresh engine; pending refreshes are dropped."""
+        """Stop the background refresh worker, if any (idempotent).
+
+        Pending refreshes are kept: stepping again restarts the worker, which computes the unfinished ones,
+        and the trajectory is unchanged. Called on leaving ``with Shampoo(...) as opt:``; the worker also
+        stops when the optimizer is garbage-collected and at interpreter exit.
+        """
         self._engine.close()
 
     def __enter__(self) -> Shampoo:
@@ -166,15 +273,21 @@ class Shampoo(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        # A background failure surfaces here, before this step changes anything.
+        self._engine.raise_if_failed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        self._resolve_sharding()
         entries = self._entries_with_grad()
         if not entries:
             return loss
         self._step += 1
+        self._consolidated = None
         step = self._step
+        # Sharded: this rank's parameters only; the others arrive with the collective at the end.
+        entries = [entry for entry in entries if self._owns(entry.index)]
         finite = self._finite_flags(entries)
         refresh = self._refresh_requested or self.policy.due(step)
         self._refresh_requested = False
@@ -195,6 +308,8 @@ class Shampoo(Optimizer):
         for entry, ok in zip(entries, finite, strict=True):
             if ok:
                 self._apply_update(entry.group, entry.param)
+        if self._sync is not None:
+            self._sync()
         return loss
 
     def _entries_with_grad(self) -> list[_Entry]:
@@ -213,7 +328,7 @@ class Shampoo(Optimizer):
                     f"Shampoo does not support complex parameters ({_name(group, position, param)}); "
                     "view them as real with torch.view_as_real."
                 )
-            if not self.state[param]:
+            if self._owns(index) and not self.state[param]:
                 self._init_state(group, param)
             entries.append(_Entry(index, group, position, param, grad))
         return entries
@@ -223,18 +338,49 @@ class Shampoo(Optimizer):
             for position, param in enumerate(group["params"]):
                 yield group, position, param
 
+    def _resolve_sharding(self) -> Sharding | None:
+        """Decide, once, which parameters this rank owns (collective the first time); drop others' state."""
+        if not self._sharding_resolved:
+            indexed = list(self._indexed_params())
+            params = [param for _, _, param in indexed]
+            self._sharding = distributed.shard_parameters(
+                self._distribute,
+                self._process_group,
+                params,
+                [_name(group, position, param) for group, position, param in indexed],
+                [
+                    distributed.parameter_cost(self._plan(group, param), self._precondition_frequency)
+                    for group, _, param in indexed
+                ],
+            )
+            self._sharding_resolved = True
+            if self._sharding is not None:
+                self._sync = ParameterSync(params, self._sharding)
+                for index, param in enumerate(params):
+                    if not self._owns(index):
+                        self.state.pop(param, None)
+        return self._sharding
+
+    def _owns(self, index: int) -> bool:
+        """Whether this rank keeps the state of parameter ``index`` (all of them until sharding is known)."""
+        return self._sharding is None or self._sharding.owns(index)
+
     def _finite_flags(self, entries: list[_Entry]) -> list[bool]:
         if not self.check_finite:
             return [True] * len(entries)
         # One fused pass over the gradients (max |g| is non-finite iff some entry is) and one host sync for
         # all parameters, like the AMP grad scaler's found-inf check.
-        checked = [entry for entry in entries if entry.grad.numel()]
+        checked = [entry for entry in entries if local(entry.grad).numel()]
         flags = {}
         if checked:
-            max_abs = torch._foreach_norm([entry.grad for entry in checked], float("inf"))
+            max_abs = torch._foreach_norm([local(entry.grad) for entry in checked], float("inf"))
             device = max_abs[0].device
             finite = torch.stack([m.to(device) for m in max_abs]).isfinite().tolist()
             flags = {entry.index: ok for entry, ok in zip(checked, finite, strict=True)}
+        if any(distributed.is_dtensor(entry.param) for entry in entries):
+            # The shards of a parameter must skip or apply a step together: their step counts must agree.
+            agreed = distributed.agree([flags.get(e.index, True) for e in entries], self._process_group)
+            flags = {entry.index: ok for entry, ok in zip(entries, agreed, strict=True)}
         for entry in entries:
             if not flags.get(entry.index, True):
                 self._counters["nonfinite_skips"] += 1
@@ -261,16 +407,20 @@ class Shampoo(Optimizer):
             state["graft_sq"] = torch.zeros_like(state["exp_avg"])
         for name, shape in _factor_shapes(plan):
             n, d, _ = shape
-            state[f"factor_{name}"] = param.new_zeros(shape, dtype=torch.float32)
+            factor = torch.zeros(shape, dtype=torch.float32, device=param.device)
+            state[f"factor_{name}"] = distributed.block_state(param, factor)
             eye = torch.eye(d, dtype=torch.float32, device=param.device)
-            state[f"root_{name}"] = eye.expand(n, d, d).clone()
+            state[f"root_{name}"] = distributed.block_state(param, eye.expand(n, d, d).clone())
         state["preconditioned"] = False
 
     def _plan(self, group: dict[str, Any], param: Tensor) -> BlockPlan:
         plan = self._plans.get(param)
         if plan is None:
-            plan = plan_blocks(
-                param.shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"]
+            plan = distributed.plan_local_blocks(
+                param,
+                lambda shape: plan_blocks(
+                    shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"]
+                ),
             )
             self._plans[param] = plan
         return plan
@@ -279,11 +429,12 @@ class Shampoo(Optimizer):
         """Phase 1 and 2: moments, the graft's second moment, and the factors' statistics."""
         state = self.state[param]
         state["step"] += 1
-        grad32 = grad.float()
+        grad32 = local(grad).float()
         beta1, beta2 = group["betas"]
-        state["exp_avg"].lerp_(grad32, 1.0 - beta1)
+        local(state["exp_avg"]).lerp_(grad32, 1.0 - beta1)
         if "graft_sq" in state:
-            grafting.update_second_moment(group["graft"], state["graft_sq"], grad32, group["graft_beta2"])
+            graft_sq = local(state["graft_sq"])
+            grafting.update_second_moment(group["graft"], graft_sq, grad32, group["graft_beta2"])
         plan = self._plan(group, param)
         if plan.preconditioned and step % self.statistics_frequency == 0:
             for g, stack in enumerate(plan.split(grad32)):
@@ -301,7 +452,7 @@ class Shampoo(Optimizer):
                         FactorSnapshot(
                             param_index=index,
                             name=f"{g}_{i}",
-                            matrices=state[f"factor_{g}_{i}"].detach().clone(),
+                            matrices=self._engine.capture(local(state[f"factor_{g}_{i}"])),
                             exponent=exponent,
                             epsilon=group["epsilon"],
                             relative_epsilon=group["relative_epsilon"],
@@ -311,14 +462,18 @@ class Shampoo(Optimizer):
 
     def _install(self, param: Tensor, snapshot: FactorSnapshot, result: RootResult) -> None:
         """Install accepted roots; a rejected root keeps the previous one."""
+        if not self._owns(snapshot.param_index):  # loaded from a checkpoint before the sharding was known
+            return
         state = self.state[param]
-        root = state[f"root_{snapshot.name}"]
-        accepted = result.accepted.to(root.device)
-        root.copy_(torch.where(accepted.view(-1, 1, 1), result.root.to(root.device, root.dtype), root))
+        root = local(state[f"root_{snapshot.name}"])
+        # Background results are in (pinned) host memory: non-blocking copies, counts without a device sync.
+        accepted = result.accepted.to(root.device, non_blocking=True)
+        new_root = result.root.to(root.device, root.dtype, non_blocking=True)
+        root.copy_(torch.where(accepted.view(-1, 1, 1), new_root, root))
         state["preconditioned"] = True
-        n_accepted = int(accepted.sum())
+        n_accepted = int(result.accepted.sum())
         self._counters["roots_accepted"] += n_accepted
-        self._counters["roots_rejected"] += accepted.numel() - n_accepted
+        self._counters["roots_rejected"] += result.accepted.numel() - n_accepted
         finite = result.residual[result.residual.isfinite()]
         if finite.numel():
             self._max_residual = max(self._max_residual, float(finite.max()))
@@ -328,11 +483,11 @@ class Shampoo(Optimizer):
         state = self.state[param]
         step = state["step"]
         beta1 = group["betas"][0]
-        momentum_hat = state["exp_avg"] / (1.0 - beta1**step)
+        momentum_hat = local(state["exp_avg"]) / (1.0 - beta1**step)
         diagonal = grafting.diagonal_update(
             group["graft"],
             momentum_hat,
-            state.get("graft_sq"),
+            local(state["graft_sq"]) if "graft_sq" in state else None,
             step,
             group["graft_beta2"],
             group["graft_epsilon"],
@@ -351,13 +506,21 @@ class Shampoo(Optimizer):
             update = plan.merge(directions)
         else:
             update = diagonal
+        weights = local(param)
         if group["weight_decay"]:
-            param.mul_(1.0 - group["lr"] * group["weight_decay"])
-        param.add_(update.to(param.dtype), alpha=-group["lr"])
+            weights.mul_(1.0 - group["lr"] * group["weight_decay"])
+        weights.add_(update.to(weights.dtype), alpha=-group["lr"])
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
+        """The state keyed by parameter (and block), never by rank; sharded, this rank's parameters only
+        (marked, so that loading it alone fails), or all of them after :meth:`consolidate_state_dict`."""
+        if self._consolidated is not None:
+            return self._consolidated
+        return self._local_state_dict()
+
+    def _local_state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["shampoo"] = {
             "step": self._step,
@@ -366,10 +529,14 @@ class Shampoo(Optimizer):
             "max_root_residual": self._max_residual,
             "engine": self._engine.state_dict(),
         }
+        if self._sharding is not None:
+            state["shampoo"]["shard"] = {"rank": self._sharding.rank, "owners": list(self._sharding.owners)}
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = self._check_compatible(state_dict)
+        state_dict = self._owned_part(state_dict)
+        self._consolidated = None
         super().load_state_dict(state_dict)
         # torch casts floating state to each parameter's dtype; Shampoo's state is fp32 by contract.
         for param, saved_state in saved:
@@ -384,15 +551,36 @@ class Shampoo(Optimizer):
         self._max_residual = float(extra.get("max_root_residual", 0.0))
         self._engine.load_state_dict(extra.get("engine", {}))
 
+    def _owned_part(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """Sharded: the part of a (checked) checkpoint this rank keeps: its parameters and their refreshes."""
+        if self._sharding is None:
+            return state_dict
+        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+        owned = {key for index, key in enumerate(keys) if self._owns(index)}
+        extra = dict(state_dict.get("shampoo", {}))
+        if "engine" in extra:
+            entries = distributed.pending_entries(extra["engine"])
+            extra["engine"] = distributed.pending_state(
+                [e for e in entries if self._owns(e["snapshot"]["param_index"])]
+            )
+        return {
+            **state_dict,
+            "state": {key: value for key, value in state_dict["state"].items() if key in owned},
+            "shampoo": extra,
+        }
+
     def _check_compatible(self, state_dict: dict[str, Any]) -> list[tuple[Tensor, dict[str, Any]]]:
-        """Pair saved state with parameters, refusing any mismatch before anything is loaded."""
+        """Pair saved state with the parameters this rank keeps, refusing any mismatch before anything is
+        loaded."""
         saved_groups = state_dict["param_groups"]
+        shard = state_dict.get("shampoo", {}).get("shard")
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
                 f"Shampoo checkpoint has {len(saved_groups)} parameter groups, the optimizer has "
                 f"{len(self.param_groups)}: build the optimizer with the same groups as the saved run."
             )
         pairs = []
+        index = -1
         for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
             if len(saved_group["params"]) != len(group["params"]):
                 raise ValueError(
@@ -400,10 +588,20 @@ class Shampoo(Optimizer):
                     f"has {len(group['params'])}: build the optimizer over the same parameters."
                 )
             for position, (key, param) in enumerate(zip(saved_group["params"], group["params"], strict=True)):
+                index += 1
+                if not self._owns(index):
+                    continue
                 saved_state = state_dict["state"].get(key)
                 if saved_state:
                     self._check_param_state(group, saved_group, position, param, saved_state)
                     pairs.append((param, saved_state))
+                elif shard is not None and shard["owners"][index] != shard["rank"]:
+                    raise ValueError(
+                        f"Shampoo checkpoint lacks the state of {_name(group, position, param)}: it holds "
+                        f"only rank {shard['rank']}'s share of a sharded optimizer, and the parameter was "
+                        f"rank {shard['owners'][index]}'s. Save after consolidate_state_dict() on every rank "
+                        "(Lightning calls it), or use the per-rank files of lightning_shampoo.checkpoint."
+                    )
         return pairs
 
     def _check_param_state(
@@ -424,7 +622,8 @@ class Shampoo(Optimizer):
                 )
         expected = {"exp_avg": tuple(param.shape)}
         for factor, shape in _factor_shapes(self._plan(group, param)):
-            expected[f"factor_{factor}"] = expected[f"root_{factor}"] = shape
+            stored = distributed.block_state_shape(param, shape)
+            expected[f"factor_{factor}"] = expected[f"root_{factor}"] = stored
         for key, shape in expected.items():
             value = saved_state.get(key)
             found = tuple(value.shape) if isinstance(value, Tensor) else "missing"
@@ -449,7 +648,8 @@ def _factor_shapes(plan: BlockPlan) -> list[tuple[str, tuple[int, int, int]]]:
 
 def _group_tensors(state: dict[str, Any], kind: str, g: int, plan: BlockPlan) -> list[Tensor | None]:
     return [
-        state[f"{kind}_{g}_{i}"] if keep else None for i, keep in enumerate(plan.groups[g].preconditioned)
+        local(state[f"{kind}_{g}_{i}"]) if keep else None
+        for i, keep in enumerate(plan.groups[g].preconditioned)
     ]
 
 

@@ -1,13 +1,28 @@
-"""Preconditioner refresh: snapshot → compute roots → install.
+"""Preconditioner refresh: snapshot → compute roots → install, inline or on a background worker.
 
-At a refresh step the optimizer hands the engine a :class:`FactorSnapshot` of every factor due; the
-engine computes ``(S + εI)^(−1/p)`` for them, batched by size, and hands the results back for install
-at ``step + lag``. Which steps refresh is decided by a :class:`RefreshPolicy`.
+At a refresh step (decided by a :class:`RefreshPolicy`) the optimizer hands the engine a
+:class:`FactorSnapshot` of every factor; the engine computes ``(S + εI)^(−1/p)`` for them with
+:func:`compute_roots` (batched by size, fp64) and hands the results back for install at a later step
+boundary. The modes differ only in *where* the roots are computed and *when* they are installed:
+
+- ``"sync"``: inside ``step()``; installed at ``t + lag`` (``lag = 0``: the classic behaviour).
+- ``"async"``: on a background thread; installed at exactly ``t + lag``, the step waiting for them if
+  they are late. Same snapshot, same function, same thread count → bitwise the trajectory of ``"sync"``
+  with the same lag.
+- ``"best_effort"``: on the background thread; installed at the first step boundary after ``t`` at which
+  they are ready, and at the latest at ``t + lag`` (``lag`` is the staleness bound; the step waits then).
+  The install step depends on timing, so the trajectory is not reproducible.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+import time
+import weakref
 from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,6 +30,8 @@ import torch
 from torch import Tensor
 
 from .roots import RootResult, inverse_pth_root
+
+MODES = ("sync", "async", "best_effort")
 
 
 @dataclass(frozen=True)
@@ -66,8 +83,11 @@ def compute_roots(snapshots: list[FactorSnapshot], settings: RootSettings) -> li
     return results  # type: ignore[return-value]
 
 
+# ---------------------------------------------------------------------------------------- policies
+
+
 class RefreshPolicy:
-    """Decides at which optimizer steps the preconditioners are refreshed."""
+    """Decides at which optimizer steps the preconditioners are refreshed (steps count from 1)."""
 
     def due(self, step: int) -> bool:
         raise NotImplementedError
@@ -84,63 +104,335 @@ class EveryNSteps(RefreshPolicy):
         return step >= self.start and (step - self.start) % self.frequency == 0
 
 
-@dataclass
+@dataclass(frozen=True)
+class OnRequest(RefreshPolicy):
+    """Never due by itself: refreshes happen only when ``optimizer.request_refresh()`` is called."""
+
+    def due(self, step: int) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class FunctionPolicy(RefreshPolicy):
+    """Refresh at the steps where ``function(step)`` is true."""
+
+    function: Callable[[int], bool]
+
+    def due(self, step: int) -> bool:
+        return bool(self.function(step))
+
+
+# ---------------------------------------------------------------------------------------- threads
+
+
+@contextmanager
+def intra_op_threads(count: int) -> Iterator[None]:
+    """Run the body with ``count`` intra-op threads in the calling thread, then restore its count.
+
+    What ``torch.set_num_threads`` does on the OpenMP backend of the torch CPU builds (checked on torch
+    2.13, MKL): it sets the *calling* thread's OpenMP and MKL thread counts, plus a process-wide default
+    that a thread adopts when it first runs a parallel op. A thread that has already run one (the
+    training thread, from its first step on) keeps its own count, so calling it from the refresh worker
+    does not throttle training. The default is restored on exit; a thread whose first parallel op falls
+    inside the body starts with ``count`` threads (DataLoader worker and pin-memory threads set their own).
+
+    The count matters for bits: MKL's ``eigh`` rounds differently with 1 and 2 threads for ``d ≳ 700``.
+    Sync and the worker compute under the same count, so they agree bitwise; without ``refresh_threads``
+    neither calls this and the worker starts with the process-wide count, as the training thread did.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _compute(
+    snapshots: list[FactorSnapshot], settings: RootSettings, threads: int | None
+) -> list[RootResult]:
+    if threads is None:
+        return compute_roots(snapshots, settings)
+    with intra_op_threads(threads):
+        return compute_roots(snapshots, settings)
+
+
+# ---------------------------------------------------------------------------------------- engine
+
+
+@dataclass(eq=False)
 class _Ticket:
+    """One refresh: the snapshots taken at ``step``, their results once computed, and timings."""
+
     step: int
     install_step: int
     snapshots: list[FactorSnapshot]
     results: list[RootResult] | None = None
+    error: BaseException | None = None
+    submitted: float = field(default_factory=time.perf_counter)
+    finished: float = 0.0
+    # CUDA events after the device-to-host snapshot copies; the worker waits on them before reading.
+    copies: list[Any] = field(default_factory=list)
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def compute(self, settings: RootSettings, threads: int | None) -> None:
+        for event in self.copies:
+            event.synchronize()
+        results = _compute(self.snapshots, settings, threads)
+        if self.copies:
+            # Pinned host memory, so the install's host-to-device copies can be non-blocking.
+            results = [RootResult(r.root.pin_memory(), r.residual, r.accepted.pin_memory()) for r in results]
+        self.results = results
+        self.finished = time.perf_counter()
 
 
-@dataclass
-class RefreshEngine:
-    """Synchronous refresh: roots are computed inside ``step()`` and installed ``lag`` steps later.
+def _serve(
+    inbox: queue.SimpleQueue, stop: threading.Event, settings: RootSettings, threads: int | None
+) -> None:
+    """The worker loop; holds no reference to the engine, so a dropped optimizer can be collected."""
+    while True:
+        ticket = inbox.get()
+        if ticket is None or stop.is_set():
+            return
+        try:
+            ticket.compute(settings, threads)
+        except BaseException as error:  # handed to the training thread, which re-raises it
+            ticket.error = error
+        finally:
+            ticket.done.set()
 
-    ``lag == 0`` is the classic behaviour; ``lag > 0`` is the reference trajectory of the asynchronous
-    fixed-lag mode.
+
+def _shutdown(inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread) -> None:
+    # Queued tickets are skipped, the one being computed finishes: the join waits for one refresh at most.
+    stop.set()
+    inbox.put(None)
+    if thread is not threading.current_thread():
+        thread.join()
+
+
+class _Worker:
+    """A background thread computing tickets in submission order.
+
+    It is a daemon thread (interpreter exit must not wait on its blocking ``get``) stopped by a
+    ``weakref.finalize``: on :meth:`close`, when the engine is garbage-collected, or at interpreter exit
+    (finalizers run from ``atexit``, while the thread still runs).
     """
 
-    settings: RootSettings = field(default_factory=RootSettings)
-    lag: int = 0
-    _pending: deque[_Ticket] = field(default_factory=deque)
+    def __init__(self, settings: RootSettings, threads: int | None) -> None:
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=_serve, args=(self._inbox, stop, settings, threads), name="shampoo-refresh", daemon=True
+        )
+        thread.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._inbox, stop, thread)
+
+    def put(self, ticket: _Ticket) -> None:
+        self._inbox.put(ticket)
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+class RefreshEngine:
+    """Computes the roots of submitted snapshots and says which results to install at each step.
+
+    Args:
+        settings: how roots are computed.
+        mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (see the module docstring).
+        lag: steps between a snapshot and the install of its roots (the bound on it for best-effort).
+        threads: intra-op threads for the root computation in every mode; ``None``: the computing
+            thread's count (a new thread inherits torch's process-wide count).
+
+    ``close()`` stops the worker and keeps the pending refreshes; a later step restarts the worker,
+    which recomputes the unfinished ones, so the trajectory does not change.
+    """
+
+    def __init__(
+        self,
+        settings: RootSettings | None = None,
+        mode: str = "sync",
+        lag: int = 0,
+        threads: int | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"refresh mode must be one of {MODES}, got {mode!r}")
+        self.settings = settings or RootSettings()
+        self.mode = mode
+        self.lag = lag
+        self.threads = threads
+        self._pending: deque[_Ticket] = deque()
+        self._worker: _Worker | None = None
+        self._copy_devices: set[torch.device] = set()
+        self._installs = 0
+        self._latency_last = self._latency_sum = 0.0
+        self._staleness_last = self._staleness_sum = 0
+        self._wait_s = 0.0
+
+    # ------------------------------------------------------------------ training-thread API
+
+    def capture(self, factor: Tensor) -> Tensor:
+        """A copy of ``factor`` that later steps cannot change, in host memory for the background modes.
+
+        From CUDA the copy goes non-blocking into pinned memory; :meth:`submit` records the event the
+        worker waits on.
+        """
+        if self.mode == "sync" or factor.device.type == "cpu":
+            return factor.detach().clone()
+        if factor.device.type != "cuda":
+            return factor.detach().cpu()
+        host = torch.empty(factor.shape, dtype=factor.dtype, pin_memory=True)
+        host.copy_(factor, non_blocking=True)
+        self._copy_devices.add(factor.device)
+        return host
 
     def submit(self, step: int, snapshots: list[FactorSnapshot]) -> None:
+        """Start computing the roots of the snapshots taken at ``step``."""
         ticket = _Ticket(step, step + self.lag, snapshots)
-        ticket.results = compute_roots(snapshots, self.settings)
-        self._pending.append(ticket)
+        ticket.copies = [torch.cuda.current_stream(device).record_event() for device in self._copy_devices]
+        self._copy_devices.clear()
+        if self.mode == "sync":
+            self._compute_now([ticket])
+            self._pending.append(ticket)
+        else:
+            self._pending.append(ticket)
+            self._queue([ticket])
 
     def due(self, step: int) -> list[tuple[FactorSnapshot, RootResult]]:
-        """Results whose install step has come, oldest first."""
+        """Results to install at ``step``, oldest first; waits for those that must not be later.
+
+        A refresh whose computation failed is not installed; :meth:`raise_if_failed` reports it.
+        """
         ready: list[tuple[FactorSnapshot, RootResult]] = []
-        while self._pending and self._pending[0].install_step <= step:
-            ticket = self._pending.popleft()
+        while self._pending:
+            ticket = self._pending[0]
+            must = step >= ticket.install_step
+            if not must and not (self.mode == "best_effort" and step > ticket.step and ticket.done.is_set()):
+                break
+            if not ticket.done.is_set():
+                self._wait(ticket)
+            if ticket.error is not None:
+                break
+            self._pending.popleft()
             assert ticket.results is not None
+            self._installs += 1
+            self._latency_last = ticket.finished - ticket.submitted
+            self._latency_sum += self._latency_last
+            self._staleness_last = step - ticket.step
+            self._staleness_sum += self._staleness_last
             ready.extend(zip(ticket.snapshots, ticket.results, strict=True))
         return ready
 
-    def state_dict(self) -> dict[str, Any]:
-        """Pending refreshes as their snapshots: a resumed run recomputes them (deterministically)."""
-        return {
-            "pending": [
-                {
-                    "step": t.step,
-                    "install_step": t.install_step,
-                    "snapshots": [_snapshot_to_dict(s) for s in t.snapshots],
-                }
-                for t in self._pending
-            ]
-        }
+    def raise_if_failed(self) -> None:
+        """Re-raise, once, the first failure of a background computation (its refresh is dropped)."""
+        for ticket in self._pending:
+            if ticket.done.is_set() and ticket.error is not None:
+                self._pending.remove(ticket)
+                raise RuntimeError(
+                    f"Shampoo: computing the preconditioner roots snapshotted at step {ticket.step} failed "
+                    "in the refresh worker (cause above); that refresh is dropped, the old roots stay."
+                ) from ticket.error
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._pending.clear()
-        for item in state.get("pending", []):
-            snapshots = [FactorSnapshot(**s) for s in item["snapshots"]]
-            ticket = _Ticket(item["step"], item["install_step"], snapshots)
-            ticket.results = compute_roots(snapshots, self.settings)
-            self._pending.append(ticket)
+    def drain(self) -> None:
+        """Block until every submitted refresh is computed (not installed); re-raise a worker failure."""
+        self._queue([])
+        for ticket in list(self._pending):
+            ticket.done.wait()
+        self.raise_if_failed()
 
     def close(self) -> None:
-        self._pending.clear()
+        """Stop the worker (waiting for the refresh it is computing); idempotent; pending refreshes stay."""
+        if self._worker is not None:
+            self._worker.close()
+            self._worker = None
+
+    def metrics(self) -> dict[str, float]:
+        """Install-time figures: latency is snapshot → roots ready (s), staleness snapshot → use (steps)."""
+        installs = max(self._installs, 1)
+        return {
+            "installs": float(self._installs),
+            "in_flight": float(len(self._pending)),
+            "refresh_latency_s": self._latency_last,
+            "refresh_latency_mean_s": self._latency_sum / installs,
+            "staleness": float(self._staleness_last),
+            "staleness_mean": self._staleness_sum / installs,
+            "wait_s": self._wait_s,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """Pending refreshes: their snapshots, and their results where computed.
+
+        A resumed run installs the saved results, or recomputes missing ones from the snapshots (the
+        same bits under the same thread count); either way it continues like the uninterrupted run.
+        """
+        pending = []
+        for ticket in self._pending:
+            for event in ticket.copies:
+                event.synchronize()
+            item: dict[str, Any] = {
+                "step": ticket.step,
+                "install_step": ticket.install_step,
+                "snapshots": [_snapshot_to_dict(s) for s in ticket.snapshots],
+            }
+            if ticket.done.is_set() and ticket.results is not None:
+                item["results"] = [
+                    {"root": r.root, "residual": r.residual, "accepted": r.accepted} for r in ticket.results
+                ]
+            pending.append(item)
+        return {"pending": pending}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        tickets = []
+        for item in state.get("pending", []):
+            snapshots = [FactorSnapshot(**s) for s in item["snapshots"]]
+            if self.mode != "sync":
+                snapshots = [_on_host(s) for s in snapshots]
+            ticket = _Ticket(item["step"], item["install_step"], snapshots)
+            if "results" in item:
+                ticket.results = [RootResult(**r) for r in item["results"]]
+                ticket.finished = ticket.submitted
+                ticket.done.set()
+            tickets.append(ticket)
+        unfinished = [t for t in tickets if not t.done.is_set()]
+        if self.mode == "sync":
+            self._compute_now(unfinished)
+        self._pending = deque(tickets)
+        if self.mode != "sync":
+            self._queue(unfinished)
+
+    # ------------------------------------------------------------------ internals
+
+    def _compute_now(self, tickets: list[_Ticket]) -> None:
+        """Sync mode: compute in the training thread, which counts as waiting."""
+        start = time.perf_counter()
+        for ticket in tickets:
+            ticket.compute(self.settings, self.threads)
+            ticket.done.set()
+        self._wait_s += time.perf_counter() - start
+
+    def _queue(self, tickets: list[_Ticket]) -> None:
+        """Hand ``tickets`` to the worker; a (re)started worker takes every unfinished pending ticket."""
+        if self._worker is None:
+            tickets = [t for t in self._pending if not t.done.is_set()]
+            if not tickets:
+                return
+            self._worker = _Worker(self.settings, self.threads)
+        for ticket in tickets:
+            self._worker.put(ticket)
+
+    def _wait(self, ticket: _Ticket) -> None:
+        self._queue([])
+        start = time.perf_counter()
+        ticket.done.wait()
+        self._wait_s += time.perf_counter() - start
+
+
+def _on_host(snapshot: FactorSnapshot) -> FactorSnapshot:
+    if snapshot.matrices.device.type == "cpu":
+        return snapshot
+    return FactorSnapshot(**{**_snapshot_to_dict(snapshot), "matrices": snapshot.matrices.cpu()})
 
 
 def _snapshot_to_dict(snapshot: FactorSnapshot) -> dict[str, Any]:

@@ -1,0 +1,91 @@
+"""Real multi-process tests: spawn ranks with a gloo process group, collect what each rank returns.
+
+The function a test runs on every rank must be importable (a module-level function of the test file,
+which pytest puts on ``sys.path``); it gets ``(rank, world_size, *args)`` and returns something
+``torch.save`` can write. A failing rank fails the test with its traceback.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    """A TCP port free right now, for one test's rendezvous (picked by the OS, not shared by tests)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _worker(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, out: str, args: tuple[Any, ...]
+) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; their results by rank."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.spawn(_worker, args=(fn, world_size, free_port(), out, args), nprocs=world_size, join=True)
+        return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+# ------------------------------------------------------------------ a small model and its data
+
+
+def mlp() -> torch.nn.Module:
+    """The same small MLP every call (fixed seed): 2-D weights split into blocks at block_size 8."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(6, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 12),
+        torch.nn.Tanh(),
+        torch.nn.Linear(12, 3),
+    )
+
+
+def batches(count: int, size: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(size, 6, generator=g), torch.randn(size, 3, generator=g)) for _ in range(count)]
+
+
+def flat_params(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()]).clone()
+
+
+def rank_rows(batch_size: int, rank: int, world_size: int) -> slice:
+    """The rows of a batch that ``rank`` trains on."""
+    share = batch_size // world_size
+    return slice(rank * share, (rank + 1) * share)
+
+
+def split_batch_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, world_size: int) -> None:
+    """In one process, the gradients DDP gives ``world_size`` ranks that split the batch, bit for bit.
+
+    DDP averages the ranks' gradients (sum, then divide by the world size, or the reverse: dividing by a
+    power of two is exact), and backward accumulates the shares in the same order as gloo's sum.
+    """
+    for rank in range(world_size):
+        rows = rank_rows(len(x), rank, world_size)
+        torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+    for param in model.parameters():
+        param.grad.div_(world_size)
