@@ -1,0 +1,94 @@
+"""Shampoo with Hugging Face Accelerate: ``save_state`` writes the complete optimizer state.
+
+::
+
+    model, optimizer, loader = accelerator.prepare(model, Shampoo(model.parameters()), loader)
+    prepare_shampoo(accelerator, optimizer)   # after prepare (DDP has made the parameters replicated)
+    ...
+    accelerator.save_state("ckpt")            # rank 0 writes every parameter's Shampoo state
+    accelerator.load_state("ckpt")            # each rank keeps its own parameters' part
+
+Why it is needed: on several processes Shampoo shards its work, each rank keeping the state of the
+parameters it owns (see :mod:`lightning_shampoo.distributed`), while ``save_state`` writes the main
+process's ``optimizer.state_dict()`` only. :func:`prepare_shampoo` registers a ``save_state`` pre-hook
+that, on every rank, drains in-flight refreshes and gathers the complete state on rank 0
+(``consolidate_state_dict``, a collective). ``load_state`` reads that file on every rank with
+``torch.load(weights_only=True)`` — Shampoo's state is tensors and plain Python values — and
+``Shampoo.load_state_dict`` keeps this rank's part (the process group is fixed up front, so it knows
+which part that is).
+
+Steps: Accelerate's optimizer wrapper calls ``Shampoo.step`` only when ``accelerator.sync_gradients``
+(never on gradient-accumulation micro-steps) and only when the AMP grad scaler did not skip the step
+(``accelerator.optimizer_step_was_skipped``). Shampoo's own step count (``optimizer.metrics()["step"]``),
+which drives its refresh schedule, therefore counts real steps only; key other schedules on it too.
+
+Launching 2 processes on CPU needs ``ACCELERATE_USE_CPU=true`` with the multi-process launcher::
+
+    ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train.py
+    ACCELERATE_USE_CPU=true accelerate launch --config_file recipes/accelerate_cpu_2proc.yaml train.py
+
+(``accelerate launch --cpu --num_processes 2`` starts one process; without ``ACCELERATE_USE_CPU`` on a
+machine without GPUs each process trains alone, which :func:`prepare_shampoo` refuses.)
+
+Not covered: Accelerate's FSDP and DeepSpeed plugins, which save optimizers their own way; with FSDP2
+save Shampoo's state with :mod:`lightning_shampoo.checkpoint` (DCP) instead.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from accelerate import Accelerator
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from .optimizer import Shampoo
+
+
+def prepare_shampoo(accelerator: Accelerator, *optimizers: Optimizer) -> list[RemovableHandle]:
+    """Make ``accelerator.save_state`` / ``load_state`` keep the complete state of these Shampoo optimizers.
+
+    Call it on every process after ``accelerator.prepare`` and before the first step, with the prepared
+    (or the original) optimizers. Collective: fixes the process group each optimizer shards over (the
+    default one, which Accelerate's DDP uses). Registers two hooks: before ``save_state`` writes, every
+    rank drains its in-flight refreshes and the state is gathered on rank 0; before ``load_state`` reads,
+    the ranks wait for each other, so that a load right after a save never reads a file rank 0 is still
+    writing (``save_state`` itself returns without a barrier).
+
+    Returns:
+        the hooks' handles; ``remove()`` them before preparing new optimizers on the same accelerator
+        (e.g. after ``accelerator.free_memory()``).
+    """
+    shampoos = [_unwrap(optimizer) for optimizer in optimizers]
+    for optimizer in shampoos:
+        if not isinstance(optimizer, Shampoo):
+            raise TypeError(f"prepare_shampoo takes Shampoo optimizers, got {type(optimizer).__name__}")
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate runs {accelerator.num_processes} of them "
+            "together, so each would train on its own. On CPU launch with ACCELERATE_USE_CPU=true "
+            "(e.g. `ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 train.py`)."
+        )
+    for optimizer in shampoos:
+        optimizer.set_process_group(None)
+
+    def consolidate(models: list[Any], weights: list[Any], output_dir: str) -> None:
+        for optimizer in shampoos:
+            optimizer.drain()  # the file then holds computed roots rather than refreshes to redo
+            optimizer.consolidate_state_dict(to=0)
+
+    def wait(models: list[Any], input_dir: str) -> None:
+        accelerator.wait_for_everyone()
+
+    return [
+        accelerator.register_save_state_pre_hook(consolidate),
+        accelerator.register_load_state_pre_hook(wait),
+    ]
+
+
+def _unwrap(optimizer: Optimizer) -> Optimizer:
+    # Accelerate's AcceleratedOptimizer keeps the wrapped optimizer in `.optimizer`.
+    inner = getattr(optimizer, "optimizer", None)
+    return inner if isinstance(inner, Optimizer) else optimizer
