@@ -1,0 +1,90 @@
+"""Entry point: ``python -m benchmarks.run [--quick] [--only NAME ...] [--threads N] [--out DIR]``.
+
+Every figure is a function ``Settings -> FigureResult`` registered in :data:`FIGURES`, in the order of
+the results file. Results are merged into ``OUT/results.json`` and ``OUT/results.md`` is re-rendered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import convergence, memory, report, roots_bench, step_time
+from .harness import FigureResult, Settings, machine_info, progress
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+@dataclass(frozen=True)
+class Figure:
+    name: str
+    run: Callable[[Settings], FigureResult]
+
+
+def pending(name: str, title: str, needs: str) -> Figure:
+    """A figure whose measurement is not wired yet: recorded as pending so the results say so."""
+
+    def run(settings: Settings) -> FigureResult:
+        progress(name, f"pending: needs {needs}")
+        return FigureResult(name, title, status=f"pending: needs {needs}")
+
+    return Figure(name, run)
+
+
+FIGURES: list[Figure] = [
+    Figure(step_time.NAME, step_time.run),
+    Figure(convergence.NAME, convergence.run),
+    pending("refresh_hiding", "Refresh hiding: step time median/p99, sync vs async refresh", "async refresh"),
+    pending("scaling", "Scaling: per-rank factor memory, refresh and step time at 1 and 2 ranks",
+            "distributed"),
+    Figure(roots_bench.NAME, roots_bench.run),
+    Figure(memory.NAME, memory.run),
+]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    names = [figure.name for figure in FIGURES]
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run")
+    parser.add_argument("--only", action="append", choices=names, metavar="NAME",
+                        help=f"run only this figure (repeatable): {', '.join(names)}")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                        help="torch intra-op threads for every measurement (default: all CPUs)")
+    parser.add_argument("--device", default="cpu", help="torch device for models and matrices (default: cpu)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                        help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    settings = Settings(quick=args.quick, threads=args.threads, device=torch.device(args.device),
+                        out_dir=args.out, seed=args.seed)
+    machine = machine_info(settings)
+    progress("run", f"torch {machine['torch']}, {args.threads} threads, {machine['cpu_count']} CPUs, "
+                    f"device {settings.device}, load {machine['load_average_1m']:.2f}, quick={args.quick}")
+    selected = [figure for figure in FIGURES if not args.only or figure.name in args.only]
+    results = []
+    for figure in selected:
+        start, at_start = time.perf_counter(), machine_info(settings)
+        result = figure.run(settings)
+        seconds = time.perf_counter() - start
+        result.machine = {**at_start, "load_average_1m_end": os.getloadavg()[0], "seconds": seconds}
+        results.append(result)
+        progress("run", f"{figure.name} done in {seconds:.1f} s")
+    markdown = report.write(args.out, [figure.name for figure in FIGURES], results, machine)
+    progress("run", f"wrote {markdown}")
+    return markdown
+
+
+if __name__ == "__main__":
+    main()

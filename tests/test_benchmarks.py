@@ -1,0 +1,140 @@
+"""The benchmark harness: a ``--quick`` smoke run end to end, and its models checked by hand."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks import memory, report
+from benchmarks.flops import forward_backward_flops, shampoo_step_flops
+from benchmarks.harness import FigureResult, Table
+from benchmarks.roots_bench import EXPONENT, RIDGE, spd_with_condition
+from benchmarks.run import FIGURES
+from lightning_shampoo import Shampoo
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run(
+        # One thread: two OpenMP threads on two cores stall whenever another process takes a core, and the
+        # smoke run checks the harness, not the machine.
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done.stdout
+
+
+def test_quick_run_records_every_figure(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    record = json.loads((out / "results.json").read_text())
+    machine = record["machine"]
+    assert machine["torch"] == torch.__version__
+    assert machine["torch_threads"] == 1
+    assert machine["cpu_count"] >= 1 and machine["platform"] and machine["date"]
+    assert [f["name"] for f in record["figures"]] == [f.name for f in FIGURES]
+    markdown = (out / "results.md").read_text()
+    for figure in record["figures"]:
+        assert figure["machine"]["torch_threads"] == 1 and figure["machine"]["seconds"] >= 0
+        assert f"`{figure['name']}`" in markdown
+        if figure["name"] in ("refresh_hiding", "scaling"):
+            assert figure["status"].startswith("pending: needs")
+            assert figure["status"] in markdown
+            continue
+        assert figure["status"] == "done" and figure["tables"]
+        for table in figure["tables"]:
+            assert table["title"] in markdown
+            assert all(len(row) == len(table["columns"]) for row in table["rows"])
+        for plot in figure["plots"]:
+            assert (out / plot).read_bytes()[:8] == PNG_MAGIC
+    # Progress: one line per measurement, tagged with its figure.
+    assert stdout.count("[step_time] mlp | AdamW | round") == 2
+    assert "[inverse_root] size 128" in stdout and "[convergence] digits |" in stdout
+
+
+def test_quick_step_time_ratios_are_side_by_side(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    figures = json.loads((out / "results.json").read_text())["figures"]
+    figure = next(f for f in figures if f["name"] == "step_time")
+    for workload in ("mlp", "lm"):
+        runs = figure["data"][workload]["runs"]
+        assert runs["AdamW"]["step_mean_ratio"] == 1.0
+        shampoo = runs["Shampoo f100"]
+        ratio = shampoo["step_mean_ms"] / runs["AdamW"]["step_mean_ms"]
+        assert shampoo["step_mean_ratio"] == pytest.approx(ratio)
+        bound = shampoo["flop_model"]
+        assert bound["iteration_ratio_bound"] == pytest.approx(
+            1 + bound["optimizer_gflop"] / bound["forward_backward_gflop"]
+        )
+
+
+def test_flop_model_counts_blocks_by_hand() -> None:
+    params = [
+        torch.empty(300, 2048),  # split into two 300×1024 blocks
+        torch.empty(300),  # a 1-D factor
+        torch.empty(1, 512),  # squeezed to 1-D
+        torch.empty(96, 5000),  # 5000 > max_preconditioned_dim: only the 96 side has a factor
+    ]
+    expected = (
+        2 * 4 * 300 * 1024 * (300 + 1024)
+        + 4 * 300 * 300
+        + 4 * 512 * 512
+        + 4 * 96 * 96 * 5000
+    )
+    assert shampoo_step_flops(params, block_size=1024, max_preconditioned_dim=2048) == expected
+    assert shampoo_step_flops(params[:1], block_size=1024, precondition_1d=False) == 2 * 4 * 300 * 1024 * 1324
+    assert shampoo_step_flops(params[1:3], block_size=1024, precondition_1d=False) == 0
+    assert forward_backward_flops(params[:2], tokens=7) == 6 * 7 * (300 * 2048 + 300)
+
+
+def test_state_bytes_match_the_layout() -> None:
+    model = nn.Linear(48, 40)  # 40·48 > block_size: the weight keeps both dims (no merge)
+    model(torch.randn(4, 48)).sum().backward()
+    n = 48 * 40 + 40
+    adamw = torch.optim.AdamW(model.parameters())
+    adamw.step()
+    # exp_avg + exp_avg_sq in fp32, plus a 4-byte step tensor per parameter.
+    assert memory.state_bytes(adamw) == {"moments": 8 * n, "other": 2 * 4}
+    shampoo = Shampoo(model.parameters())
+    shampoo.step()
+    shampoo.close()
+    found = memory.state_bytes(shampoo)
+    assert found["moments"] == 2 * 4 * n  # exp_avg and graft_sq
+    # A factor and a root per dim: 40² and 48² for the weight, 40² for the bias; fp32.
+    assert found["factors"] == found["roots"] == 4 * (40**2 + 48**2 + 40**2)
+
+
+def test_test_matrices_have_the_requested_spectrum_and_root() -> None:
+    matrices, roots = spd_with_condition(24, 1e6, torch.Generator().manual_seed(1), batch=2)
+    eigenvalues = torch.linalg.eigvalsh(matrices)
+    assert eigenvalues.amax(-1) == pytest.approx([1.0, 1.0], rel=1e-9)
+    assert (eigenvalues.amax(-1) / eigenvalues.amin(-1)) == pytest.approx([1e6, 1e6], rel=1e-6)
+    regularized = matrices + RIDGE * torch.eye(24, dtype=torch.float64)
+    inverted = torch.linalg.matrix_power(roots, -EXPONENT)
+    torch.testing.assert_close(inverted, regularized, rtol=0, atol=1e-9)
+
+
+def test_report_merges_a_partial_run(tmp_path: Path) -> None:
+    order = ["first", "second"]
+    machine = {"date": "d", "platform": "p", "processor": "x", "cpu_count": 2, "torch_threads": 2,
+               "device": "cpu", "torch": "t", "python": "3", "load_average_1m": 0.0,
+               "load_average_1m_end": 0.0, "seconds": 1.0}
+    table = Table("T", ["a", "b"], [[1.5, "x|y"]])
+    second = FigureResult("second", "Second", tables=[table], machine=machine)
+    report.write(tmp_path, order, [second], machine)
+    report.write(tmp_path, order, [FigureResult("first", "First", status="pending: needs z")], machine)
+    record = json.loads((tmp_path / "results.json").read_text())
+    assert [(f["name"], f["number"]) for f in record["figures"]] == [("first", 1), ("second", 2)]
+    markdown = (tmp_path / "results.md").read_text()
+    assert markdown.index("Figure 1: First") < markdown.index("Figure 2: Second")
+    assert "| 1.5 | x\\|y |" in markdown and "*pending: needs z*" in markdown
