@@ -81,7 +81,8 @@ class Shampoo(Optimizer):
             trajectory of ``"sync"`` with the same lag; ``"best_effort"``: on the background thread, used
             from the first step boundary at which they are ready and at most ``refresh_lag`` steps after
             their snapshot (the step waits then); it never waits otherwise and is not reproducible.
-            Background modes compute on the host CPU (from CUDA: pinned, non-blocking copies).
+            Background modes compute on the host CPU (from CUDA: pinned, non-blocking copies) in a worker
+            thread niced below training (Linux), started at the first refresh.
         refresh_lag: steps from a snapshot to the install of its roots (the bound on it for
             ``"best_effort"``); default 0 for ``"sync"``, ``precondition_frequency`` otherwise.
         refresh_policy: decides which steps refresh: a :class:`RefreshPolicy` (e.g. ``OnRequest()``) or a

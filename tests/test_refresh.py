@@ -2,6 +2,7 @@
 
 import gc
 import io
+import os
 import subprocess
 import sys
 import textwrap
@@ -100,26 +101,31 @@ def test_async_is_bitwise_sync_with_the_same_lag(lag, threads, compute_threads):
         assert other_losses != sync_losses
 
 
-def test_the_worker_thread_count_leaves_the_training_thread_alone(monkeypatch):
+def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(monkeypatch):
     started, release = threading.Event(), threading.Event()
-    seen = []
+    seen, niceness = [], []
     real = refresh.compute_roots
 
     def gated(snapshots, settings):
         seen.append(torch.get_num_threads())
+        niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         started.set()
         release.wait()
         return real(snapshots, settings)
 
     monkeypatch.setattr(refresh, "compute_roots", gated)
     training_threads = torch.get_num_threads()
+    training_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     model = _model()
     with Shampoo(model.parameters(), **FAST, refresh="async", refresh_lag=3, refresh_threads=3) as opt:
         _train(model, opt, _batches(2))
         assert started.wait(10)
         assert seen == [3]
-        # While the worker computes with 3 threads, the training thread keeps its own count.
+        # While the worker computes with 3 threads, the training thread keeps its own count; the worker
+        # runs niced below it (Linux) and the training thread keeps its priority.
         assert torch.get_num_threads() == training_threads
+        assert niceness == [min(19, training_niceness + refresh.WORKER_NICENESS)]
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training_niceness
         _train(model, opt, _batches(1))
         release.set()
         _train(model, opt, _batches(3))
