@@ -94,6 +94,7 @@ def machine_info(settings: Settings) -> dict[str, Any]:
         "processor": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": settings.threads,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),

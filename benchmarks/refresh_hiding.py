@@ -106,6 +106,7 @@ def _measure(
         "max_over_median": max(timed) / median,
         "refresh_step_median_ms": 1e3 * statistics.median(refresh_steps),
         "steps": len(timed),
+        "step_ms": [1e3 * t for t in timed],
         "refreshes_timed": len(refresh_steps),
         "metrics": metrics,
     }

@@ -67,6 +67,7 @@ def _machine_line(machine: dict[str, Any]) -> str:
     return (
         f"Measured {machine['date']} in {machine['seconds']:.0f} s on {machine['platform']} "
         f"({machine['processor']}, {machine['cpu_count']} CPUs, {machine['torch_threads']} torch threads, "
+        f"OMP_WAIT_POLICY {machine.get('omp_wait_policy', 'unset')}, "
         f"{machine['device']}{gpu}; 1-min load average {machine['load_average_1m']:.1f} at the start, "
         f"{machine['load_average_1m_end']:.1f} at the end), torch {machine['torch']}, "
         f"Python {machine['python']}{quick}."

@@ -73,16 +73,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
     progress("run", f"torch {machine['torch']}, {args.threads} threads, {machine['cpu_count']} CPUs, "
                     f"device {settings.device}, load {machine['load_average_1m']:.2f}, quick={args.quick}")
     selected = [figure for figure in FIGURES if not args.only or figure.name in args.only]
-    results = []
+    order = [figure.name for figure in FIGURES]
+    markdown = args.out / report.MARKDOWN_NAME
     for figure in selected:
         start, at_start = time.perf_counter(), machine_info(settings)
         result = figure.run(settings)
         seconds = time.perf_counter() - start
         result.machine = {**at_start, "load_average_1m_end": os.getloadavg()[0], "seconds": seconds}
-        results.append(result)
-        progress("run", f"{figure.name} done in {seconds:.1f} s")
-    markdown = report.write(args.out, [figure.name for figure in FIGURES], results, machine)
-    progress("run", f"wrote {markdown}")
+        # Written after every figure, so an interrupted run keeps what it measured.
+        markdown = report.write(args.out, order, [result], machine)
+        progress("run", f"{figure.name} done in {seconds:.1f} s; wrote {markdown}")
     return markdown
 
 

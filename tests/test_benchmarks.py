@@ -46,6 +46,7 @@ def test_quick_run_records_every_figure(quick_run: tuple[Path, str]) -> None:
     markdown = (out / "results.md").read_text()
     for figure in record["figures"]:
         assert figure["machine"]["torch_threads"] == 1 and figure["machine"]["seconds"] >= 0
+        assert figure["machine"]["omp_wait_policy"] == "PASSIVE"  # set by the harness in a fresh process
         assert f"`{figure['name']}`" in markdown
         if figure["name"] in ("refresh_hiding", "scaling"):
             assert figure["status"].startswith("pending: needs")
