@@ -50,6 +50,8 @@ def format_cell(value: Any) -> str:
         return f"{value:.0f}" if 1e3 <= abs(value) < 1e7 else f"{value:.3g}"
     if value is None:
         return "—"
+    if value in ("inf", "nan"):  # non-finite floats as stored in results.json
+        return format_cell(float(value))
     return str(value).replace("|", "\\|")
 
 
