@@ -130,7 +130,7 @@ def test_report_merges_a_partial_run(tmp_path: Path) -> None:
     machine = {"date": "d", "platform": "p", "processor": "x", "cpu_count": 2, "torch_threads": 2,
                "device": "cpu", "torch": "t", "python": "3", "load_average_1m": 0.0,
                "load_average_1m_end": 0.0, "seconds": 1.0}
-    table = Table("T", ["a", "b"], [[1.5, "x|y"]])
+    table = Table("T", ["a", "b", "c"], [[1.5, "x|y", float("inf")]])
     second = FigureResult("second", "Second", tables=[table], machine=machine)
     report.write(tmp_path, order, [second], machine)
     report.write(tmp_path, order, [FigureResult("first", "First", status="pending: needs z")], machine)
@@ -138,4 +138,4 @@ def test_report_merges_a_partial_run(tmp_path: Path) -> None:
     assert [(f["name"], f["number"]) for f in record["figures"]] == [("first", 1), ("second", 2)]
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.index("Figure 1: First") < markdown.index("Figure 2: Second")
-    assert "| 1.5 | x\\|y |" in markdown and "*pending: needs z*" in markdown
+    assert "| 1.5 | x\\|y | ∞ |" in markdown and "*pending: needs z*" in markdown
