@@ -85,6 +85,15 @@ class ShampooCallback(Callback):
                     "refresh, so the preconditioners are never computed. Set every_n_steps and/or "
                     "on_epoch_end."
                 )
+            lag, period = optimizer.refresh_lag, self.every_n_steps
+            if optimizer.refresh_mode == "async" and period is not None and lag > period:
+                # The default lag is precondition_frequency, which knows nothing of this schedule.
+                rank_zero_warn(
+                    f"Optimizer {index} installs its roots refresh_lag={lag} steps after their snapshot, "
+                    f"longer than every_n_steps={period}: each root is older than the next "
+                    f"refresh when it is installed, and a run shorter than {lag} steps is never "
+                    f"preconditioned. Pass refresh_lag <= {period} to the optimizer."
+                )
 
     @override
     def on_before_optimizer_step(

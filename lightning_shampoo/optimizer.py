@@ -84,7 +84,8 @@ class Shampoo(Optimizer):
             Background modes compute on the host CPU (from CUDA: pinned, non-blocking copies) in a worker
             thread niced below training (Linux), started at the first refresh.
         refresh_lag: steps from a snapshot to the install of its roots (the bound on it for
-            ``"best_effort"``); default 0 for ``"sync"``, ``precondition_frequency`` otherwise.
+            ``"best_effort"``); default 0 for ``"sync"``, ``precondition_frequency`` otherwise. With another
+            schedule (``OnRequest``, a function) pick it yourself: at most the steps between refreshes.
         refresh_policy: decides which steps refresh: a :class:`RefreshPolicy` (e.g. ``OnRequest()``) or a
             function ``step -> bool``; default every ``precondition_frequency`` steps.
         refresh_threads: intra-op CPU threads of the root computation, in every mode (so sync and async
@@ -222,6 +223,16 @@ class Shampoo(Optimizer):
         self._sharding_resolved = False
         self._sharding = self._sync = None
         self._resolve_sharding()
+
+    @property
+    def refresh_mode(self) -> str:
+        """``"sync"``, ``"async"`` or ``"best_effort"``: the ``refresh`` option."""
+        return self._engine.mode
+
+    @property
+    def refresh_lag(self) -> int:
+        """Steps from a snapshot to the install of its roots (the bound on it for ``"best_effort"``)."""
+        return self._engine.lag
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the complete state on rank ``to``, whose next :meth:`state_dict` (this step) returns it.

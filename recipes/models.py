@@ -41,7 +41,9 @@ class _RecipeModule(pl.LightningModule):
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         inputs, targets = batch
         logits = self(inputs)
-        self.log("val_loss", F.cross_entropy(logits.flatten(0, -2), targets.flatten()), prog_bar=True)
+        # sync_dist: under DDP every rank sees a different shard of the validation set.
+        val_loss = F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+        self.log("val_loss", val_loss, prog_bar=True, sync_dist=True)
         self.log_val_metrics(logits, targets)
 
     def log_val_metrics(self, logits: Tensor, targets: Tensor) -> None:

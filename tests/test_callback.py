@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import logging
 import threading
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,13 @@ def test_messages_say_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
         _fit(_model(refresh_policy=None), [ShampooCallback(every_n_steps=2)], max_steps=1)
     assert "on top of optimizer 0's own refresh_policy (EveryNSteps(start=10, frequency=100))" in caplog.text
     assert "refresh_policy=OnRequest()" in caplog.text
+    with pytest.warns(UserWarning, match=r"refresh_lag=100 steps .* Pass refresh_lag <= 5 to the optimizer"):
+        _fit(_model(refresh="async", precondition_frequency=100), [ShampooCallback(every_n_steps=5)],
+             max_steps=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(_model(refresh="async", refresh_lag=5), [ShampooCallback(every_n_steps=5)], max_steps=1)
+    assert not [w for w in caught if "refresh_lag" in str(w.message)]  # a lag within the schedule is fine
 
 
 def _optimizer_tensors(trainer: pl.Trainer) -> dict[str, torch.Tensor]:
