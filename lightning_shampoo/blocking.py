@@ -56,6 +56,8 @@ class BlockPlan:
 
         A group that is the whole tensor comes back as a view; other groups are copies.
         """
+        if len(self.groups) == 1 and self.groups[0].n_blocks == 1:  # the common case: one block, a view
+            return [tensor.reshape(1, *self.groups[0].block_shape)]
         merged = tensor.reshape(self.merged_shape)
         return [_gather_group(merged, group) for group in self.groups]
 
