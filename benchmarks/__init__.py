@@ -1,7 +1,8 @@
 """Benchmarks of lightning_shampoo against torch.optim.AdamW and the PyPI peers.
 
 Run ``python -m benchmarks.run`` (``--quick`` for a smoke run, ``--only NAME`` for one figure);
-results go to ``benchmarks/results/`` as ``results.md``, ``results.json`` and PNG plots.
+results go to ``benchmarks/results/`` as ``results.md``, ``results.json`` and PNG plots, and the
+README's results block is generated from them (``python -m benchmarks.readme``).
 """
 
 import os

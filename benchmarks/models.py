@@ -1,4 +1,4 @@
-"""The timed workloads: an MLP regression step and a small causal transformer LM step.
+"""The timed workloads: an MLP regression step and the char-LM recipe's transformer step.
 
 A :class:`Workload` builds its model, a fixed pool of batches (random data: the timings do not depend
 on what is learnt) and the loss, and knows how many tokens a step sees for the flop model.
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from lightning_shampoo.recipes import CharTransformer
 
 Batch = tuple[Tensor, Tensor]
 
@@ -39,26 +41,10 @@ def mlp(widths: Sequence[int]) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class TinyLM(nn.Module):
-    """Pre-norm causal transformer LM: token + learnt position embeddings, ``layers`` blocks, a head."""
-
-    def __init__(self, vocab: int, d_model: int, heads: int, layers: int, seq: int) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(vocab, d_model)
-        self.position = nn.Parameter(torch.randn(seq, d_model) * 0.02)
-        block = nn.TransformerEncoderLayer(
-            d_model, heads, 4 * d_model, dropout=0.0, batch_first=True, norm_first=True
-        )
-        self.blocks = nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(d_model)
-        self.head = nn.Linear(d_model, vocab)
-        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(seq), persistent=False)
-
-    def forward(self, tokens: Tensor) -> Tensor:
-        seq = tokens.shape[1]
-        hidden = self.embed(tokens) + self.position[:seq]
-        hidden = self.blocks(hidden, mask=self.causal[:seq, :seq], is_causal=True)
-        return self.head(self.norm(hidden))
+def next_token_loss(model: nn.Module, data: Batch) -> Tensor:
+    """Mean cross-entropy of the next-token logits ``model(inputs)`` against ``targets``."""
+    logits = model(data[0])
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data[1].reshape(-1))
 
 
 def mlp_workload(quick: bool, device: torch.device, pool: int = 4) -> Workload:
@@ -87,8 +73,11 @@ def mlp_workload(quick: bool, device: torch.device, pool: int = 4) -> Workload:
 
 
 def lm_workload(quick: bool, device: torch.device, pool: int = 4) -> Workload:
-    """Transformer LM: 2 layers, d_model 256, 4 heads, seq 128, batch 32, vocab 96 (4096 tokens/step)."""
-    vocab, d_model, heads, layers, seq, batch = (96, 32, 2, 1, 16, 4) if quick else (96, 256, 4, 2, 128, 32)
+    """The char-LM recipe's transformer (``CharTransformer``: 2 layers, d_model 128, 4 heads, context 128)
+    on batches of 16 random byte sequences: 2048 tokens/step (quick: 1 layer, d_model 32, 2 heads,
+    context 16, batch 4)."""
+    vocab = 256
+    d_model, heads, layers, seq, batch = (32, 2, 1, 16, 4) if quick else (128, 4, 2, 128, 16)
 
     def batches(gen: torch.Generator) -> list[Batch]:
         out = []
@@ -97,19 +86,19 @@ def lm_workload(quick: bool, device: torch.device, pool: int = 4) -> Workload:
             out.append((text[:, :-1], text[:, 1:]))
         return out
 
-    def loss(model: nn.Module, data: Batch) -> Tensor:
-        logits = model(data[0])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data[1].reshape(-1))
+    def build() -> nn.Module:
+        model = CharTransformer(vocab, context=seq, d_model=d_model, n_heads=heads, n_layers=layers)
+        return model.to(device)
 
     return Workload(
         name="lm",
         description=(
-            f"transformer LM: {layers} layers, d_model {d_model}, {heads} heads, seq {seq}, batch {batch}, "
-            f"vocab {vocab} ({seq * batch} tokens/step)"
+            f"char-LM recipe transformer: {layers} layers, d_model {d_model}, {heads} heads, seq {seq}, "
+            f"batch {batch}, vocab {vocab} ({seq * batch} tokens/step)"
         ),
-        build=lambda: TinyLM(vocab, d_model, heads, layers, seq).to(device),
+        build=build,
         batches=batches,
-        loss=loss,
+        loss=next_token_loss,
         tokens=seq * batch,
     )
 

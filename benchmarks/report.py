@@ -24,6 +24,7 @@ from .harness import FigureResult
 
 JSON_NAME = "results.json"
 MARKDOWN_NAME = "results.md"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # the committed results
 
 
 def subplots(rows: int, cols: int, width: float, height: float) -> tuple[Figure, list[Axes]]:
@@ -55,10 +56,14 @@ def format_cell(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
+def render_rows(columns: list[str], rows: list[list[Any]]) -> list[str]:
+    """A markdown table's lines: header, rule, one line per row."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(format_cell(cell) for cell in row) + " |" for row in rows]
+
+
 def render_table(table: dict[str, Any]) -> list[str]:
-    lines = [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |"]
-    lines.append("|" + "---|" * len(table["columns"]))
-    lines += ["| " + " | ".join(format_cell(cell) for cell in row) + " |" for row in table["rows"]]
+    lines = [f"**{table['title']}**", "", *render_rows(table["columns"], table["rows"])]
     lines += [""] + [f"- {note}" for note in table["notes"]]
     return lines
 
@@ -94,18 +99,22 @@ def render_markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def load(out_dir: Path) -> dict[str, Any]:
+    """The ``results.json`` record of ``out_dir`` (empty if there is none yet)."""
+    path = out_dir / JSON_NAME
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def write(out_dir: Path, order: list[str], results: list[FigureResult], machine: dict[str, Any]) -> Path:
     """Merge ``results`` into ``out_dir/results.json`` (figures kept in ``order``) and render the markdown.
 
     ``machine`` describes this run; each result carries the machine state of its own measurement.
     """
-    path = out_dir / JSON_NAME
-    previous = json.loads(path.read_text()) if path.exists() else {}
-    figures = {figure["name"]: figure for figure in previous.get("figures", [])}
+    figures = {figure["name"]: figure for figure in load(out_dir).get("figures", [])}
     for result in results:
         figures[result.name] = {**dataclasses.asdict(result), "number": order.index(result.name) + 1}
     record = {"machine": machine, "figures": [figures[name] for name in order if name in figures]}
-    path.write_text(json.dumps(_plain(record), indent=1, allow_nan=False) + "\n")
+    (out_dir / JSON_NAME).write_text(json.dumps(_plain(record), indent=1, allow_nan=False) + "\n")
     markdown = out_dir / MARKDOWN_NAME
     markdown.write_text(render_markdown(record))
     return markdown

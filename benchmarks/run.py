@@ -2,6 +2,8 @@
 
 Every figure is a function ``Settings -> FigureResult`` registered in :data:`FIGURES`, in the order of
 the results file. Results are merged into ``OUT/results.json`` and ``OUT/results.md`` is re-rendered.
+A run that is not ``--quick`` also regenerates the results block of ``--readme`` (by default the
+repository's README.md when OUT is the default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -15,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from . import convergence, memory, report, roots_bench, step_time
+from . import convergence, memory, readme, refresh_hiding, report, roots_bench, scaling, step_time
 from .harness import FigureResult, Settings, machine_info, progress
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+DEFAULT_OUT = report.RESULTS_DIR
 
 
 @dataclass(frozen=True)
@@ -27,22 +29,11 @@ class Figure:
     run: Callable[[Settings], FigureResult]
 
 
-def pending(name: str, title: str, needs: str) -> Figure:
-    """A figure whose measurement is not wired yet: recorded as pending so the results say so."""
-
-    def run(settings: Settings) -> FigureResult:
-        progress(name, f"pending: needs {needs}")
-        return FigureResult(name, title, status=f"pending: needs {needs}")
-
-    return Figure(name, run)
-
-
 FIGURES: list[Figure] = [
     Figure(step_time.NAME, step_time.run),
     Figure(convergence.NAME, convergence.run),
-    pending("refresh_hiding", "Refresh hiding: step time median/p99, sync vs async refresh", "async refresh"),
-    pending("scaling", "Scaling: per-rank factor memory, refresh and step time at 1 and 2 ranks",
-            "distributed"),
+    Figure(refresh_hiding.NAME, refresh_hiding.run),
+    Figure(scaling.NAME, scaling.run),
     Figure(roots_bench.NAME, roots_bench.run),
     Figure(memory.NAME, memory.run),
 ]
@@ -60,7 +51,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
                         help=f"output folder (default: {DEFAULT_OUT})")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    parser.add_argument("--readme", type=Path, default=None,
+                        help="README whose results block a run that is not --quick regenerates (default: "
+                             f"{readme.README} when --out is the default folder, else none)")
+    args = parser.parse_args(argv)
+    if args.readme is None and args.out.resolve() == DEFAULT_OUT:
+        args.readme = readme.README
+    return args
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
@@ -83,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         # Written after every figure, so an interrupted run keeps what it measured.
         markdown = report.write(args.out, order, [result], machine)
         progress("run", f"{figure.name} done in {seconds:.1f} s; wrote {markdown}")
+    # After every figure is on disk, so a failing summary costs no measurement. A quick run's numbers are a
+    # smoke test, never the README's.
+    if args.readme is not None and not args.quick and readme.update(args.readme, args.out):
+        progress("run", f"regenerated the results block of {args.readme}")
     return markdown
 
 

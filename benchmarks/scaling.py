@@ -1,7 +1,9 @@
-"""Scaling with data-parallel ranks: per-rank factor memory, refresh time and step time at 1 and 2 ranks.
+"""Figure 4: scaling with data-parallel ranks, per-rank factor memory, refresh time and step time.
 
-The same model trains with DDP on gloo (CPU), one intra-op thread per rank, at world size 1 and 2, with
-Shampoo sharded by parameter owner and, at 2 ranks, replicated (every rank does all the work). Per rank:
+Two spawned processes with a gloo group (CPU), one intra-op thread each, train the same model three
+times, one after the other: rank 0 alone (a group of one, Shampoo ``distribute="sharded"``, rank 1 waits),
+then both ranks with DDP and Shampoo sharded by parameter owner, then both replicated (every rank does
+all the work). Per rank:
 
 - factor memory: bytes of the Kronecker factors and their roots it keeps;
 - refresh time: seconds of root computation per refresh (the optimizer's ``wait_s`` in sync mode), and
@@ -10,13 +12,12 @@ Shampoo sharded by parameter owner and, at 2 ranks, replicated (every rank does 
   counts the work only;
 - step time: median ``optimizer.step()`` seconds over steps without a refresh (the collective included).
 
-Goals (issue 4): ≥ 1.8× less factor memory and refresh time per rank at 2 ranks than at 1, and the
-sharded step no slower than the replicated one. Run: ``python -m benchmarks.scaling [--quick]``.
+Goals (issue 4): ≥ 1.8× less factor memory and refresh time per rank at 2 ranks (sharded) than at 1,
+and the sharded step no slower than the replicated one. The most loaded rank decides each figure.
 """
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import os
@@ -33,8 +34,19 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-FACTOR_GOAL = 1.8  # per-rank factor memory and refresh time, 1 rank over 2 ranks
+from . import report
+from .harness import FigureResult, Settings, Table, goal_verdict, progress
+
+NAME = "scaling"
+FACTOR_GOAL = 1.8  # per-rank factor memory and refresh time, 1 rank over 2 ranks sharded
 STEP_GOAL = 1.0  # sharded step time over replicated step time, at 2 ranks
+WORLD_SIZE = 2
+# Label → (ranks, Shampoo's ``distribute``), in the order they run.
+RUNS = {
+    "1 rank": (1, "sharded"),
+    "2 ranks, sharded": (2, "sharded"),
+    "2 ranks, replicated": (2, "replicated"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,7 +65,7 @@ class Config:
     def description(self) -> str:
         return (
             f"MLP {self.layers}×Linear({self.width}, {self.width}), block_size {self.block_size}, "
-            f"batch {self.batch}, refresh every {self.frequency} steps"
+            f"batch {self.batch}, refresh every {self.frequency} steps, 1 thread per rank"
         )
 
 
@@ -69,7 +81,8 @@ def _model(config: Config) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def _factor_bytes(optimizer: torch.optim.Optimizer) -> int:
+def factor_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the Kronecker factors and their inverse roots this rank keeps."""
     return sum(
         value.numel() * value.element_size()
         for state in optimizer.state.values()
@@ -78,11 +91,12 @@ def _factor_bytes(optimizer: torch.optim.Optimizer) -> int:
     )
 
 
-def _measure(rank: int, world_size: int, port: int, config: Config, distribute: str) -> dict[str, Any]:
+def _measure(rank: int, ranks: int, group: Any, config: Config, distribute: str) -> dict[str, Any]:
+    """Train ``config`` on ``ranks`` ranks of ``group``; this rank's memory, refresh and step figures."""
     from lightning_shampoo import Shampoo
 
     model = _model(config)
-    trained = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    trained = nn.parallel.DistributedDataParallel(model, process_group=group) if ranks > 1 else model
     optimizer = Shampoo(
         model.parameters(),
         lr=1e-3,
@@ -90,9 +104,10 @@ def _measure(rank: int, world_size: int, port: int, config: Config, distribute: 
         start_preconditioning_step=1,
         precondition_frequency=config.frequency,
         distribute=distribute,
+        process_group=group,
     )
     generator = torch.Generator().manual_seed(1)
-    share = config.batch // world_size
+    share = config.batch // ranks
     plain, plain_cpu, refresh_cpu, wait_before = [], [], [], 0.0
     for step in range(1, config.warmup + config.steps + 1):
         x = torch.randn(config.batch, config.width, generator=generator)[rank * share : (rank + 1) * share]
@@ -112,7 +127,7 @@ def _measure(rank: int, world_size: int, port: int, config: Config, distribute: 
     optimizer.close()
     return {
         "rank": rank,
-        "factor_bytes": _factor_bytes(optimizer),
+        "factor_bytes": factor_bytes(optimizer),
         "refresh_s": (optimizer.metrics()["wait_s"] - wait_before) / len(refresh_cpu),
         "refresh_cpu_s": statistics.fmean(refresh_cpu) - statistics.median(plain_cpu),
         "step_s": statistics.median(plain),
@@ -121,66 +136,122 @@ def _measure(rank: int, world_size: int, port: int, config: Config, distribute: 
     }
 
 
+def _rank_main(rank: int, port: int, config: Config, out: str) -> None:
+    """One spawned rank: every entry of :data:`RUNS` in turn; its results go to ``out/rank{rank}.json``."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE, timeout=datetime.timedelta(minutes=5))
+    try:
+        alone = dist.new_group([0])  # collective: every rank creates it
+        results = {}
+        for label, (ranks, distribute) in RUNS.items():
+            if rank < ranks:
+                results[label] = _measure(rank, ranks, alone if ranks == 1 else None, config, distribute)
+            dist.barrier()  # the next run starts on both ranks at once, after this one ended everywhere
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-def _rank_main(rank: int, world_size: int, port: int, config: Config, distribute: str, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=5))
-    try:
-        result = _measure(rank, world_size, port, config, distribute)
-        Path(out, f"rank{rank}.json").write_text(json.dumps(result))
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(world_size: int, config: Config, distribute: str) -> list[dict[str, Any]]:
-    """Every rank's measurements, from ``world_size`` spawned processes with a gloo group."""
+def measure(config: Config) -> dict[str, list[dict[str, Any]]]:
+    """Per run label, every participating rank's figures, from two spawned processes with a gloo group."""
     with tempfile.TemporaryDirectory() as out:
-        args = (world_size, _free_port(), config, distribute, out)
-        mp.spawn(_rank_main, args=args, nprocs=world_size, join=True)
-        return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(world_size)]
+        mp.spawn(_rank_main, args=(_free_port(), config, out), nprocs=WORLD_SIZE, join=True)
+        per_rank = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD_SIZE)]
+    return {label: [results[label] for results in per_rank if label in results] for label in RUNS}
 
 
-def run(quick: bool) -> dict[str, Any]:
-    """Measure world size 1 and 2 (sharded and replicated); per-rank figures, ratios and goal verdicts."""
-    config = QUICK if quick else FULL
-    runs = {
-        "1 rank": _launch(1, config, "sharded"),
-        "2 ranks, sharded": _launch(2, config, "sharded"),
-        "2 ranks, replicated": _launch(2, config, "replicated"),
-    }
-    one, sharded, replicated = runs["1 rank"][0], runs["2 ranks, sharded"], runs["2 ranks, replicated"]
-    # The most loaded rank decides the memory needed and the time taken.
-    memory_ratio = one["factor_bytes"] / max(r["factor_bytes"] for r in sharded)
-    refresh_ratio = one["refresh_s"] / max(r["refresh_s"] for r in sharded)
-    refresh_cpu_ratio = one["refresh_cpu_s"] / max(r["refresh_cpu_s"] for r in sharded)
-    step_ratio = max(r["step_s"] for r in sharded) / max(r["step_s"] for r in replicated)
-    step_cpu_ratio = max(r["step_cpu_s"] for r in sharded) / max(r["step_cpu_s"] for r in replicated)
-    return {
-        "config": {**asdict(config), "description": config.description},
-        "threads_per_rank": 1,
-        "per_rank": runs,
-        "factor_memory_ratio": memory_ratio,
-        "refresh_time_ratio": refresh_ratio,
-        "refresh_cpu_time_ratio": refresh_cpu_ratio,
-        "step_time_sharded_over_replicated": step_ratio,
-        "step_cpu_time_sharded_over_replicated": step_cpu_ratio,
-        "goals": {
-            "factor_memory_ratio >= 1.8": memory_ratio >= FACTOR_GOAL,
-            "refresh_time_ratio >= 1.8": refresh_ratio >= FACTOR_GOAL,
-            "refresh_cpu_time_ratio >= 1.8": refresh_cpu_ratio >= FACTOR_GOAL,
-            "step_time_sharded_over_replicated <= 1": step_ratio <= STEP_GOAL,
-        },
-    }
+def summary(runs: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per figure: each run's most loaded rank, 1 rank over sharded, and sharded over replicated."""
+    out = {}
+    for key in ("factor_bytes", "refresh_s", "refresh_cpu_s", "step_s", "step_cpu_s"):
+        worst = {label: max(r[key] for r in ranks) for label, ranks in runs.items()}
+        sharded = worst["2 ranks, sharded"]
+        out[key] = {**worst, "one_over_sharded": worst["1 rank"] / sharded,
+                    "sharded_over_replicated": sharded / worst["2 ranks, replicated"]}
+    return out
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and few steps: a smoke run")
-    print(json.dumps(run(parser.parse_args().quick), indent=2))
+RATIO_NAMES = {"one_over_sharded": "1 rank / sharded", "sharded_over_replicated": "sharded / replicated"}
+
+
+@dataclass(frozen=True)
+class Goal:
+    """``ratio`` (a key of :data:`RATIO_NAMES`) at most or at least ``target``."""
+
+    ratio: str
+    target: float
+    at_most: bool
+
+    def verdict(self, figures: dict[str, float]) -> str:
+        sign = "≤" if self.at_most else "≥"
+        verdict = goal_verdict(figures[self.ratio], self.target, at_most=self.at_most)
+        return f"{RATIO_NAMES[self.ratio]} {sign}{self.target:g}: {verdict}"
+
+
+# Table rows: key in :func:`summary`, label, unit scale, goal.
+ROWS: tuple[tuple[str, str, float, Goal | None], ...] = (
+    ("factor_bytes", "factor memory MiB", 2.0**-20, Goal("one_over_sharded", FACTOR_GOAL, at_most=False)),
+    ("refresh_s", "refresh s (wall)", 1.0, Goal("one_over_sharded", FACTOR_GOAL, at_most=False)),
+    ("refresh_cpu_s", "refresh s (CPU)", 1.0, Goal("one_over_sharded", FACTOR_GOAL, at_most=False)),
+    ("step_s", "step s (wall)", 1.0, Goal("sharded_over_replicated", STEP_GOAL, at_most=True)),
+    ("step_cpu_s", "step s (CPU)", 1.0, None),
+)
+
+
+def _table(figures: dict[str, dict[str, float]], config: Config) -> Table:
+    table = Table(f"Per rank (the most loaded rank): {config.description}",
+                  ["measure", *RUNS, *RATIO_NAMES.values(), "goal"])
+    for key, label, scale, goal in ROWS:
+        row = figures[key]
+        verdict = goal.verdict(row) if goal else ""
+        values = [scale * row[run] for run in RUNS]
+        table.rows.append([label, *values, *(row[ratio] for ratio in RATIO_NAMES), verdict])
+    table.notes += [
+        f"{config.steps} timed steps after {config.warmup} warm-up steps, sync refresh. refresh: per "
+        "refresh; step: median over steps without a refresh, the sharded parameters' all-gather included.",
+        "Two ranks share two cores with whatever else runs on the machine: wall times also count waiting "
+        "for a core; CPU times (the training thread's) count the work only.",
+    ]
+    return table
+
+
+def run(settings: Settings) -> FigureResult:
+    config = QUICK if settings.quick else FULL
+    progress(NAME, f"{config.description}: {', '.join(RUNS)} in {WORLD_SIZE} spawned gloo processes")
+    runs = measure(config)
+    figures = summary(runs)
+    for label in RUNS:
+        progress(NAME, f"{label}: factor memory {figures['factor_bytes'][label] / 2**20:.1f} MiB, refresh "
+                       f"{figures['refresh_s'][label]:.3f} s, step {figures['step_s'][label]:.3f} s per rank")
+    result = FigureResult(NAME, "Scaling: per-rank factor memory, refresh and step time at 1 and 2 ranks")
+    result.tables.append(_table(figures, config))
+    result.plots.append(_plot(runs, settings))
+    result.data = {"config": {**asdict(config), "description": config.description}, "per_rank": runs,
+                   "summary": figures}
+    return result
+
+
+def _plot(runs: dict[str, list[dict[str, Any]]], settings: Settings) -> str:
+    fig, axes = report.subplots(1, 3, width=13.0, height=4.0)
+    panels = (("factor_bytes", 2.0**-20, "factor memory per rank (MiB)"),
+              ("refresh_cpu_s", 1.0, "refresh CPU time per rank (s)"),
+              ("step_s", 1.0, "step time per rank (s)"))
+    for ax, (key, scale, ylabel) in zip(axes, panels, strict=True):
+        x = 0
+        for color, (label, ranks) in enumerate(runs.items()):
+            positions = [x + i for i in range(len(ranks))]
+            ax.bar(positions, [scale * r[key] for r in ranks], color=f"C{color}", label=label)
+            ax.bar_label(ax.containers[-1], labels=[f"rank {r['rank']}" for r in ranks], fontsize=7)
+            x += len(ranks) + 1
+        ax.set_xticks([])
+        ax.set_ylabel(ylabel)
+    axes[0].legend(fontsize=8)
+    return report.save(fig, settings.out_dir, f"{NAME}.png")

@@ -1,16 +1,30 @@
 """Figure 1: optimizer-step and whole-iteration time as ratios to AdamW, next to the flop-model bound.
 
 Every configuration gets its own copy of the model (same seed, same batches) and all of them stay
-alive for the whole measurement. After a warm-up (lazy state, and up to the install of the first roots,
-which an asynchronous refresh delays by its lag), the configurations take
-turns: each round runs ``steps_per_round`` timed iterations of one configuration, then the next, so
-drift of the machine hits all of them alike. A round spans whole refresh periods, so its mean step time
-carries its share of root refreshes; "mean" below is the median over rounds of those round means,
-"median" the median over every timed step (a step without a refresh).
+alive for the whole measurement. After a warm-up (lazy state, and for a refreshing configuration up to
+the step before its first roots are installed, which an asynchronous refresh delays by its lag), the
+configurations take turns: each round runs a stretch of timed iterations of one configuration, then the
+next, so drift of the machine hits all of them alike. A round ends by waiting for background refresh
+work still running (``Shampoo.drain``), counted in its last step: the work is charged to the
+configuration that made it, never to the one timed next.
+
+"mean" below is the median over windows of the mean step time, a window being whole refresh periods of
+consecutive timed steps starting at a refresh, so it carries its share of root refreshes; "median" is
+the median over every timed step (a step without a refresh). A configuration refreshing every 10 steps
+(and AdamW) runs ``round_steps`` steps a round, so each round is a window; one refreshing every 100
+steps runs 100/``rounds`` steps a round (rounded up), and its rounds together make one window.
+
+Full plans: MLP 4 rounds of 20 steps, the LM 3 rounds of 20 (the f100 configurations: 100 timed steps
+each), after 10 warm-up steps (to the first roots for the refreshing ones): three to four and a half
+minutes on two CPU cores with the peers, depending on the load. A configuration's per-round medians
+agree to about 10% (see the progress lines; load drift moves all configurations of a round alike), so
+60–100 timed steps settle its median. The earlier plan (2–3 rounds of 100 steps, and a d_model-256
+LM) took 23 minutes without the peers.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -26,6 +40,8 @@ from .optimizers import OptimizerSpec
 
 NAME = "step_time"
 FREQUENCIES = (10, 100)
+# The peers run at one frequency only (time): our default, that of issue 2's goal and the README.
+PEER_FREQUENCY = 100
 # Issue 2's target: on the MLP, Shampoo's step at frequency 100 within this multiple of AdamW's.
 MLP_STEP_GOAL = 11.0
 # Issue 6's goal: measured iteration ratio within this factor of the flop-model bound.
@@ -34,27 +50,51 @@ BOUND_GOAL = 1.15
 
 @dataclass(frozen=True)
 class Plan:
-    """How long to time one workload: ``rounds`` × ``steps_per_round`` timed steps after ``warmup``."""
+    """How long to time one workload: untimed warm-up steps, then ``rounds`` rounds of ``round_steps``.
+
+    With ``whole_periods`` a configuration whose refresh period is longer than ``round_steps`` runs
+    ``period / rounds`` steps a round instead, so that its rounds add up to a whole period (see the module
+    docstring); ``round_steps`` must then be a multiple of every shorter period.
+    """
 
     warmup: int
     rounds: int
-    steps_per_round: int
+    round_steps: int
+    whole_periods: bool = True
+
+    def warmup_steps(self, spec: OptimizerSpec) -> int:
+        """``warmup``, or for a refreshing configuration the steps before its first steady refresh.
+
+        Its timing then starts at a refresh step, so a window is [refresh, next refresh) and no
+        background refresh straddles two windows.
+        """
+        return spec.steady_after - 1 if spec.refresh_period else self.warmup
+
+    def steps_per_round(self, spec: OptimizerSpec) -> int:
+        period = spec.refresh_period
+        if not self.whole_periods or period <= self.round_steps:
+            return self.round_steps
+        return math.ceil(period / self.rounds)
+
+    def window(self, spec: OptimizerSpec) -> int:
+        """Consecutive timed steps averaged into one "mean" sample."""
+        return max(self.steps_per_round(spec), spec.refresh_period if self.whole_periods else 0)
 
 
-# 100 steps per round = one refresh period at frequency 100 (ten at frequency 10).
 FULL_PLANS = {
-    "mlp": Plan(warmup=10, rounds=3, steps_per_round=100),
-    "lm": Plan(warmup=10, rounds=2, steps_per_round=100),
+    "mlp": Plan(warmup=10, rounds=4, round_steps=20),
+    "lm": Plan(warmup=10, rounds=3, round_steps=20),
 }
+# A smoke run: too short for whole refresh periods.
 QUICK_PLANS = {
-    "mlp": Plan(warmup=2, rounds=2, steps_per_round=3),
-    "lm": Plan(warmup=2, rounds=2, steps_per_round=2),
+    "mlp": Plan(warmup=2, rounds=2, round_steps=3, whole_periods=False),
+    "lm": Plan(warmup=2, rounds=2, round_steps=2, whole_periods=False),
 }
 
 
 @dataclass
 class Run:
-    """One configuration's live model, optimizer and timings (seconds per step)."""
+    """One configuration's live model, optimizer and timings (seconds per step, in order)."""
 
     spec: OptimizerSpec
     warmup: int = 0
@@ -63,13 +103,16 @@ class Run:
     step_s: list[float] = field(default_factory=list)
     iteration_s: list[float] = field(default_factory=list)
     forward_backward_s: list[float] = field(default_factory=list)
-    round_step_means: list[float] = field(default_factory=list)
-    round_iteration_means: list[float] = field(default_factory=list)
     error: str = ""
 
     @property
     def ok(self) -> bool:
         return self.optimizer is not None and not self.error
+
+    @property
+    def status(self) -> str:
+        """Why the run has no timings: the failure, or why the configuration could not be built."""
+        return f"failed: {self.error}" if self.error else self.spec.unavailable
 
 
 def configurations() -> list[OptimizerSpec]:
@@ -77,9 +120,7 @@ def configurations() -> list[OptimizerSpec]:
     specs = [optimizers.adamw()]
     for frequency in FREQUENCIES:
         specs += [optimizers.shampoo(frequency, refresh=mode) for mode in optimizers.refresh_modes()]
-    for frequency in FREQUENCIES:
-        specs += optimizers.peers(frequency)
-    return specs
+    return specs + optimizers.peers(PEER_FREQUENCY)
 
 
 def _iteration(run: Run, batch: Batch, workload: Workload, device: torch.device) -> tuple[float, float]:
@@ -97,8 +138,42 @@ def _iteration(run: Run, batch: Batch, workload: Workload, device: torch.device)
 
 
 def _fail(run: Run, workload: Workload, exc: Exception) -> None:
-    run.error = f"{type(exc).__name__}: {exc}"
+    first_line = (str(exc).strip().splitlines() or [""])[0][:200]
+    run.error = f"{type(exc).__name__}: {first_line}"
     progress(NAME, f"{workload.name} | {run.spec.label}: failed ({run.error})")
+
+
+def _start(run: Run, workload: Workload, batches: list[Batch], plan: Plan, settings: Settings) -> None:
+    """Build the model and optimizer and run the warm-up; a failure is recorded in ``run``."""
+    if run.spec.factory is None:
+        progress(NAME, f"{workload.name} | {run.spec.label}: {run.spec.unavailable}")
+        return
+    torch.manual_seed(settings.seed)
+    run.model = workload.build()
+    try:
+        run.optimizer = run.spec.factory(run.model.parameters())
+        run.warmup = plan.warmup_steps(run.spec)
+        for i in range(run.warmup):
+            _iteration(run, batches[i % len(batches)], workload, settings.device)
+    except Exception as exc:  # a peer's failure is reported in its row, not fatal to the figure
+        _fail(run, workload, exc)
+
+
+def _round(run: Run, workload: Workload, batches: list[Batch], steps: int, device: torch.device) -> None:
+    """``steps`` timed iterations, then the drain of background work, charged to the last step."""
+    assert run.optimizer is not None
+    fbs, step_times = [], []
+    for i in range(steps):
+        fb, step = _iteration(run, batches[i % len(batches)], workload, device)
+        fbs.append(fb)
+        step_times.append(step)
+    synchronize(device)
+    start = time.perf_counter()
+    optimizers.drain(run.optimizer)
+    step_times[-1] += time.perf_counter() - start
+    run.forward_backward_s += fbs
+    run.step_s += step_times
+    run.iteration_s += [fb + step for fb, step in zip(fbs, step_times, strict=True)]
 
 
 def measure(workload: Workload, specs: list[OptimizerSpec], plan: Plan, settings: Settings) -> list[Run]:
@@ -106,41 +181,23 @@ def measure(workload: Workload, specs: list[OptimizerSpec], plan: Plan, settings
     batches = workload.batches(torch.Generator().manual_seed(settings.seed))
     runs = [Run(spec) for spec in specs]
     for run in runs:
-        if run.spec.factory is None:
-            progress(NAME, f"{workload.name} | {run.spec.label}: {run.spec.unavailable}")
-            continue
-        torch.manual_seed(settings.seed)
-        run.model = workload.build()
-        try:
-            run.optimizer = run.spec.factory(run.model.parameters())
-            run.warmup = max(plan.warmup, run.spec.steady_after)
-            for i in range(run.warmup):
-                _iteration(run, batches[i % len(batches)], workload, settings.device)
-        except Exception as exc:  # a peer's failure is reported in its row, not fatal to the figure
-            _fail(run, workload, exc)
+        _start(run, workload, batches, plan, settings)
     for round_index in range(plan.rounds):
         for run in runs:
             if not run.ok:
                 continue
-            steps, iterations = [], []
+            steps = plan.steps_per_round(run.spec)
             try:
-                for i in range(plan.steps_per_round):
-                    fb, step = _iteration(run, batches[i % len(batches)], workload, settings.device)
-                    run.forward_backward_s.append(fb)
-                    steps.append(step)
-                    iterations.append(fb + step)
+                _round(run, workload, batches, steps, settings.device)
             except Exception as exc:  # as in the warm-up
                 _fail(run, workload, exc)
                 continue
-            run.step_s += steps
-            run.iteration_s += iterations
-            run.round_step_means.append(mean(steps))
-            run.round_iteration_means.append(mean(iterations))
             progress(
                 NAME,
                 f"{workload.name} | {run.spec.label} | round {round_index + 1}/{plan.rounds}: "
-                f"step mean {1e3 * mean(steps):.2f} ms, median {1e3 * median(steps):.2f} ms; "
-                f"iteration mean {1e3 * mean(iterations):.2f} ms",
+                f"step mean {1e3 * mean(run.step_s[-steps:]):.2f} ms, "
+                f"median {1e3 * median(run.step_s[-steps:]):.2f} ms; "
+                f"iteration mean {1e3 * mean(run.iteration_s[-steps:]):.2f} ms",
             )
     for run in runs:
         if run.optimizer is not None:
@@ -148,20 +205,27 @@ def measure(workload: Workload, specs: list[OptimizerSpec], plan: Plan, settings
     return runs
 
 
-def _times_ms(run: Run) -> dict[str, float]:
+def window_means(times: list[float], window: int) -> list[float]:
+    """Means of consecutive whole windows of ``times`` (all of them when shorter than one window)."""
+    whole = [times[i : i + window] for i in range(0, len(times) - window + 1, window)]
+    return [mean(w) for w in whole] or [mean(times)]
+
+
+def _times_ms(run: Run, window: int) -> dict[str, float]:
     return {
-        "step_mean_ms": 1e3 * median(run.round_step_means),
+        "step_mean_ms": 1e3 * median(window_means(run.step_s, window)),
         "step_median_ms": 1e3 * median(run.step_s),
-        "iteration_mean_ms": 1e3 * median(run.round_iteration_means),
+        "iteration_mean_ms": 1e3 * median(window_means(run.iteration_s, window)),
         "iteration_median_ms": 1e3 * median(run.iteration_s),
     }
 
 
-def _summary(run: Run, baseline: Run) -> dict[str, float]:
+def _summary(run: Run, baseline: Run, plan: Plan) -> dict[str, float]:
     """Milliseconds per step of ``run`` and their ratios to ``baseline``'s (AdamW's)."""
-    mine, base = _times_ms(run), _times_ms(baseline)
+    mine, base = _times_ms(run, plan.window(run.spec)), _times_ms(baseline, plan.window(baseline.spec))
     ratios = {key.replace("_ms", "_ratio"): value / base[key] for key, value in mine.items()}
-    return {**mine, "forward_backward_median_ms": 1e3 * median(run.forward_backward_s), **ratios}
+    return {**mine, "forward_backward_median_ms": 1e3 * median(run.forward_backward_s),
+            "timed_steps": len(run.step_s), **ratios}
 
 
 def _bound(workload: Workload, spec: OptimizerSpec, model: nn.Module, summary: dict[str, float],
@@ -195,11 +259,15 @@ def _timing_table() -> Table:
         ["workload", "optimizer", "step mean", "step median", "step ×AdamW (mean)", "step ×AdamW (median)",
          "iteration mean", "iteration median", "iter ×AdamW (mean)", "iter ×AdamW (median)", "goal / status"],
         notes=[
-            "mean: median over rounds of the per-round mean; every round spans whole refresh periods, so it "
-            "includes the amortised root refreshes. median: median over all timed steps (a step without a "
-            "refresh).",
+            "mean: median over windows of whole refresh periods (f10 configurations and AdamW: each round; "
+            "f100: its 100 timed steps) of the mean step time, so it includes the amortised root refreshes; "
+            "background refresh work left at a round's end is waited for and counted in that round. "
+            "median: median over all timed steps (a step without a refresh).",
             f"Goal (issue 2): on the MLP, Shampoo's step at frequency 100 ≤ {MLP_STEP_GOAL:g}× AdamW's, "
             "judged on the mean (refreshes included).",
+            f"Peers (optional `bench` extra) at frequency {PEER_FREQUENCY}, with the settings of Shampoo "
+            f"f{PEER_FREQUENCY} (lr 1e-3, block size, start step, ε, betas, graft) passed as follows:",
+            *[f"{entry.title}: {entry.notes}" for entry in optimizers.PEERS],
         ],
     )
 
@@ -227,6 +295,47 @@ def _goal(workload: Workload, spec: OptimizerSpec, summary: dict[str, float]) ->
     return f"step ≤{MLP_STEP_GOAL:g}× AdamW: {verdict}"
 
 
+def _report(workload: Workload, runs: list[Run], plan: Plan, timing: Table, bound: Table,
+            plot_rows: list[tuple[str, str, float, float, float | None]]) -> dict[str, object]:
+    """Rows of both tables and the plot for one workload; returns the records of its runs."""
+    baseline = runs[0]
+    records: dict[str, dict[str, object]] = {}
+    missing: dict[str, list[str]] = {}
+    for item in runs:
+        label = item.spec.label
+        if not item.ok:
+            records[label] = {"unavailable": item.status, "options": item.spec.options}
+            missing.setdefault(item.status, []).append(label)
+            continue
+        summary = _summary(item, baseline, plan)
+        timing.rows.append([
+            workload.name, label, summary["step_mean_ms"], summary["step_median_ms"],
+            summary["step_mean_ratio"], summary["step_median_ratio"], summary["iteration_mean_ms"],
+            summary["iteration_median_ms"], summary["iteration_mean_ratio"],
+            summary["iteration_median_ratio"], _goal(workload, item.spec, summary),
+        ])
+        records[label] = {"options": item.spec.options, "warmup_steps": item.warmup, **summary}
+        iteration_bound = None
+        if item.spec.kind == "shampoo":
+            assert item.model is not None
+            baseline_fb_ms = 1e3 * median(baseline.forward_backward_s)
+            flops = _bound(workload, item.spec, item.model, summary, baseline_fb_ms)
+            records[label]["flop_model"] = flops
+            iteration_bound = flops["iteration_ratio_bound"]
+            bound.rows.append([
+                workload.name, label, flops["optimizer_gflop"], flops["forward_backward_gflop"],
+                iteration_bound, flops["iteration_mean_over_bound"], flops["iteration_median_over_bound"],
+                goal_verdict(flops["iteration_mean_over_bound"], BOUND_GOAL, at_most=True),
+                flops["step_bound_ms"], flops["step_mean_over_bound"],
+            ])
+        if item.spec.kind != "adamw":  # AdamW is the 1.0 line of the plot
+            plot_rows.append((workload.name, label, summary["step_mean_ratio"],
+                              summary["iteration_mean_ratio"], iteration_bound))
+    for status, labels in missing.items():
+        timing.rows.append([workload.name, ", ".join(labels), *["—"] * 8, status])
+    return records
+
+
 def run(settings: Settings) -> FigureResult:
     plans = QUICK_PLANS if settings.quick else FULL_PLANS
     result = FigureResult(NAME, "Optimizer-step and whole-iteration time vs torch.optim.AdamW")
@@ -236,44 +345,9 @@ def run(settings: Settings) -> FigureResult:
         workload = make(settings.quick, settings.device)
         plan = plans[workload.name]
         progress(NAME, f"{workload.description}: ≥{plan.warmup} warm-up (to the first installed roots) + "
-                       f"{plan.rounds}×{plan.steps_per_round} timed steps")
+                       f"{plan.rounds} rounds of {plan.round_steps} timed steps (f100: whole period)")
         runs = measure(workload, configurations(), plan, settings)
-        baseline = runs[0]
-        records: dict[str, dict[str, object]] = {}
-        unavailable: dict[str, list[str]] = {}
-        for item in runs:
-            label = item.spec.label
-            if not item.ok:
-                reason = item.error or item.spec.unavailable
-                records[label] = {"unavailable": reason}
-                unavailable.setdefault(reason, []).append(label.rsplit(" f", 1)[0])
-                continue
-            summary = _summary(item, baseline)
-            timing.rows.append([
-                workload.name, label, summary["step_mean_ms"], summary["step_median_ms"],
-                summary["step_mean_ratio"], summary["step_median_ratio"], summary["iteration_mean_ms"],
-                summary["iteration_median_ms"], summary["iteration_mean_ratio"],
-                summary["iteration_median_ratio"], _goal(workload, item.spec, summary),
-            ])
-            records[label] = {"options": item.spec.options, "warmup_steps": item.warmup, **summary}
-            iteration_bound = None
-            if item.spec.kind == "shampoo":
-                assert item.model is not None
-                flops = _bound(workload, item.spec, item.model, summary,
-                               1e3 * median(baseline.forward_backward_s))
-                records[label]["flop_model"] = flops
-                iteration_bound = flops["iteration_ratio_bound"]
-                bound.rows.append([
-                    workload.name, label, flops["optimizer_gflop"], flops["forward_backward_gflop"],
-                    iteration_bound, flops["iteration_mean_over_bound"], flops["iteration_median_over_bound"],
-                    goal_verdict(flops["iteration_mean_over_bound"], BOUND_GOAL, at_most=True),
-                    flops["step_bound_ms"], flops["step_mean_over_bound"],
-                ])
-            if item.spec.kind != "adamw":  # AdamW is the 1.0 line of the plot
-                plot_rows.append((workload.name, label, summary["step_mean_ratio"],
-                                  summary["iteration_mean_ratio"], iteration_bound))
-        for reason, names in unavailable.items():
-            timing.rows.append([workload.name, ", ".join(dict.fromkeys(names)), *["—"] * 8, reason])
+        records = _report(workload, runs, plan, timing, bound, plot_rows)
         result.data[workload.name] = {"description": workload.description, "plan": plan.__dict__,
                                       "runs": records}
     result.tables += [timing, bound]
@@ -283,7 +357,7 @@ def run(settings: Settings) -> FigureResult:
 
 def _plot(rows: list[tuple[str, str, float, float, float | None]], settings: Settings) -> str:
     workloads = list(dict.fromkeys(r[0] for r in rows))
-    fig, axes = report.subplots(1, len(workloads), width=6.0 * len(workloads), height=4.0)
+    fig, axes = report.subplots(1, len(workloads), width=7.5 * len(workloads), height=5.0)
     for ax, name in zip(axes, workloads, strict=True):
         mine = [r for r in rows if r[0] == name]
         x = range(len(mine))
@@ -294,8 +368,10 @@ def _plot(rows: list[tuple[str, str, float, float, float | None]], settings: Set
             ax.scatter(*zip(*bounds, strict=True), marker="_", s=400, color="black",
                        label="iteration bound (flops)")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_xticks(list(x), [r[1] for r in mine], rotation=20, ha="right")
+        ax.set_xticks(list(x), [r[1] for r in mine], rotation=35, ha="right", fontsize=7)
+        ax.set_yscale("log")  # ratios near 1 and in the tens side by side
+        ax.set_ylim(top=4 * max(max(r[2], r[3]) for r in mine))  # headroom for the legend
         ax.set_ylabel("time / AdamW time (mean per step)")
         ax.set_title(name)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, ncols=3, loc="upper left")
     return report.save(fig, settings.out_dir, f"{NAME}.png")

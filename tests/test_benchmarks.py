@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import memory, report
+from benchmarks import memory, readme, refresh_hiding, report, run, scaling
 from benchmarks.flops import forward_backward_flops, shampoo_step_flops
 from benchmarks.harness import FigureResult, Table
 from benchmarks.roots_bench import EXPONENT, RIDGE, spd_with_condition
@@ -25,13 +26,18 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("bench")
+    # A copy of the README, named explicitly: a quick run must leave it alone all the same.
+    readme_copy = out / "README.md"
+    readme_copy.write_text(readme.README.read_text())
     done = subprocess.run(
         # One thread: two OpenMP threads on two cores stall whenever another process takes a core, and the
         # smoke run checks the harness, not the machine.
-        [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out)],
+        [sys.executable, "-m", "benchmarks.run", "--quick", "--threads", "1", "--out", str(out),
+         "--readme", str(readme_copy)],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert readme_copy.read_text() == readme.README.read_text()
     return out, done.stdout
 
 
@@ -48,11 +54,7 @@ def test_quick_run_records_every_figure(quick_run: tuple[Path, str]) -> None:
         assert figure["machine"]["torch_threads"] == 1 and figure["machine"]["seconds"] >= 0
         assert figure["machine"]["omp_wait_policy"] == "PASSIVE"  # set by the harness in a fresh process
         assert f"`{figure['name']}`" in markdown
-        if figure["name"] in ("refresh_hiding", "scaling"):
-            assert figure["status"].startswith("pending: needs")
-            assert figure["status"] in markdown
-            continue
-        assert figure["status"] == "done" and figure["tables"]
+        assert figure["status"] == "done" and figure["tables"] and figure["plots"]
         for table in figure["tables"]:
             assert table["title"] in markdown
             assert all(len(row) == len(table["columns"]) for row in table["rows"])
@@ -61,6 +63,45 @@ def test_quick_run_records_every_figure(quick_run: tuple[Path, str]) -> None:
     # Progress: one line per measurement, tagged with its figure.
     assert stdout.count("[step_time] mlp | AdamW | round") == 2
     assert "[inverse_root] size 128" in stdout and "[convergence] digits |" in stdout
+    assert "[refresh_hiding] async: median" in stdout
+    assert "[scaling] 2 ranks, sharded: factor memory" in stdout
+    # The README block renders from a fresh record too.
+    assert "Not measured yet" not in readme.render(record, "results")
+
+
+def _figure(out: Path, name: str) -> dict:
+    return next(f for f in json.loads((out / "results.json").read_text())["figures"] if f["name"] == name)
+
+
+def test_quick_refresh_hiding_times_every_configuration(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    figure = _figure(out, "refresh_hiding")
+    plan = refresh_hiding.QUICK
+    runs = {r["label"]: r for r in figure["data"]["runs"]}
+    # One thread: the worker cannot have cores of its own, so there is no "shared cores" variant.
+    assert list(runs) == ["sync", "async", "control: no refresh after step 1"]
+    assert [r["refresh"] for r in runs.values()] == ["sync", "async", "sync"]
+    for r in runs.values():
+        assert len(r["step_ms"]) == plan.steps and r["refreshes_timed"] == plan.periods
+        assert r["median_ms"] == pytest.approx(statistics.median(r["step_ms"]), abs=1e-3)
+        assert r["max_ms"] == pytest.approx(max(r["step_ms"]), abs=1e-3)
+    rows = {row[0]: row for row in figure["tables"][0]["rows"]}
+    assert rows["async"][-1].startswith("p99/median ≤1.25: ") and rows["sync"][-1] == ""
+
+
+def test_quick_scaling_splits_the_factors(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    per_rank = _figure(out, "scaling")["data"]["per_rank"]
+    config = scaling.QUICK
+    # Per Linear(64, 64) at block_size 32: 4 weight blocks with 2 factors and 2 roots of 32×32, and the
+    # bias as 2 one-dimensional blocks with a factor and a root each; fp32.
+    total = config.layers * (4 * 4 + 2 * 2) * 32 * 32 * 4
+    assert [r["factor_bytes"] for r in per_rank["1 rank"]] == [total]
+    sharded = [r["factor_bytes"] for r in per_rank["2 ranks, sharded"]]
+    assert sum(sharded) == total and max(sharded) < total
+    assert [r["factor_bytes"] for r in per_rank["2 ranks, replicated"]] == [total, total]
+    timed = [r["refreshes_timed"] for ranks in per_rank.values() for r in ranks]
+    assert timed == [config.steps // config.frequency] * 5
 
 
 def test_quick_step_time_ratios_are_side_by_side(quick_run: tuple[Path, str]) -> None:
@@ -139,3 +180,52 @@ def test_report_merges_a_partial_run(tmp_path: Path) -> None:
     markdown = (tmp_path / "results.md").read_text()
     assert markdown.index("Figure 1: First") < markdown.index("Figure 2: Second")
     assert "| 1.5 | x\\|y | ∞ |" in markdown and "*pending: needs z*" in markdown
+
+
+def test_refresh_hiding_distribution_by_hand() -> None:
+    assert [step for step in range(1, 12) if refresh_hiding.is_refresh_step(step, 5)] == [1, 6, 11]
+    # Steps 4..13 at frequency 5: steps 6 and 11 refresh (10 s and 30 s); the rest take 1 s.
+    seconds = [1.0, 1.0, 10.0, 1.0, 1.0, 1.0, 1.0, 30.0, 1.0, 1.0]
+    found = refresh_hiding.distribution(seconds, first_step=4, frequency=5)
+    assert found["median_ms"] == 1e3 and found["max_ms"] == 3e4
+    assert found["refresh_step_median_ms"] == 2e4 and found["refreshes_timed"] == 2
+    # Inclusive p99 of 10 values: at rank 0.99·9 = 8.91 between the sorted 10 s and 30 s.
+    assert found["p99_ms"] == pytest.approx(1e3 * (10 + 0.91 * 20))
+
+
+def test_scaling_summary_takes_the_most_loaded_rank() -> None:
+    def rank(value: float) -> dict[str, float]:
+        return dict.fromkeys(("factor_bytes", "refresh_s", "refresh_cpu_s", "step_s", "step_cpu_s"), value)
+
+    runs = {"1 rank": [rank(8.0)], "2 ranks, sharded": [rank(3.0), rank(5.0)],
+            "2 ranks, replicated": [rank(10.0), rank(9.0)]}
+    summary = scaling.summary(runs)["refresh_s"]
+    assert summary["one_over_sharded"] == 8 / 5 and summary["sharded_over_replicated"] == 5 / 10
+    assert scaling.ROWS[1][3].verdict(summary) == "1 rank / sharded ≥1.8: missed by 1.12×"
+
+
+def test_readme_block_is_generated_from_the_committed_results() -> None:
+    text = readme.README.read_text()
+    assert text.count(readme.BEGIN) == text.count(readme.END) == 1
+    assert readme.expected(readme.README, report.RESULTS_DIR) == text, "run `python -m benchmarks.readme`"
+
+
+def test_readme_update_keeps_the_prose_around_the_block(tmp_path: Path) -> None:
+    results = tmp_path / "results"
+    results.mkdir()
+    pending = FigureResult("scaling", "Scaling", status="pending: needs z")
+    report.write(results, ["scaling"], [pending], {})
+    target = tmp_path / "README.md"
+    target.write_text(f"# T\n\nbefore\n{readme.BEGIN}\nold\n{readme.END}\nafter\n")
+    assert readme.update(target, results)
+    text = target.read_text()
+    assert text.startswith("# T\n\nbefore\n" + readme.BEGIN) and text.endswith(readme.END + "\nafter\n")
+    assert "old" not in text and "Not measured yet (pending: needs z)." in text
+    assert "[results.md](results/results.md)" in text
+    assert not readme.update(target, results)  # already up to date
+
+
+def test_only_runs_into_the_committed_folder_touch_the_readme(tmp_path: Path) -> None:
+    assert run.parse_args([]).readme == readme.README
+    assert run.parse_args(["--out", str(tmp_path)]).readme is None
+    assert run.parse_args(["--out", str(tmp_path), "--readme", "R.md"]).readme == Path("R.md")
