@@ -22,7 +22,6 @@ roots on the host CPU, the paper's setting.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -34,7 +33,7 @@ from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
 from lightning_shampoo import Shampoo
 
 from . import report
-from .harness import FigureResult, Settings, Table, goal_verdict, progress, synchronize
+from .harness import FigureResult, Settings, Table, goal_verdict, progress, timed
 from .models import Batch, Workload, lm_workload
 
 NAME = "refresh_hiding"
@@ -120,25 +119,24 @@ def _measure(
         refresh_threads=config.refresh_threads,
         refresh_policy=None if config.refreshing else (lambda step: step == 1),
     )
-    step_s = []
+
+    def train_step(batch: Batch) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        workload.loss(model, batch).backward()
+        optimizer.step()
+
     with optimizer:
-        for i in range(plan.warmup + plan.steps):
-            synchronize(settings.device)
-            start = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            workload.loss(model, batches[i % len(batches)]).backward()
-            optimizer.step()
-            synchronize(settings.device)
-            step_s.append(time.perf_counter() - start)
+        step_s = [timed(lambda i=i: train_step(batches[i % len(batches)]), settings.device)[0]
+                  for i in range(plan.warmup + plan.steps)]
         metrics = optimizer.metrics()
-    timed = step_s[plan.warmup:]
-    figures = distribution(timed, plan.warmup + 1, plan.frequency)
+    measured = step_s[plan.warmup:]
+    figures = distribution(measured, plan.warmup + 1, plan.frequency)
     progress(NAME, f"{config.label}: median {figures['median_ms']:.1f} ms, p99 {figures['p99_ms']:.1f} ms, "
                    f"max {figures['max_ms']:.1f} ms, blocked on roots {metrics['wait_s']:.2f} s")
     return {**asdict(config), **figures, "wait_s": metrics["wait_s"],
             "latency_s": metrics["refresh_latency_mean_s"],
             "lag_window_s": plan.frequency * figures["median_ms"] / 1e3,
-            "metrics": metrics, "step_ms": [round(1e3 * t, 3) for t in timed]}
+            "metrics": metrics, "step_ms": [round(1e3 * t, 3) for t in measured]}
 
 
 def _batches(workload: Workload, settings: Settings) -> tuple[list[Batch], str]:
