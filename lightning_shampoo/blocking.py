@@ -51,19 +51,24 @@ class BlockPlan:
     def preconditioned(self) -> bool:
         return bool(self.groups)
 
+    @property
+    def single_block(self) -> bool:
+        """The whole (merged) tensor is one block: splitting and merging are reshapes."""
+        return len(self.groups) == 1 and self.groups[0].n_blocks == 1
+
     def split(self, tensor: Tensor) -> list[Tensor]:
         """Cut a parameter-shaped tensor into one stacked ``(n, *block_shape)`` tensor per group.
 
         A group that is the whole tensor comes back as a view; other groups are copies.
         """
-        if len(self.groups) == 1 and self.groups[0].n_blocks == 1:  # the common case: one block, a view
+        if self.single_block:  # the common case: a view
             return [tensor.reshape(1, *self.groups[0].block_shape)]
         merged = tensor.reshape(self.merged_shape)
         return [_gather_group(merged, group) for group in self.groups]
 
     def merge(self, blocks: list[Tensor]) -> Tensor:
         """Inverse of :meth:`split`: reassemble per-group stacks into a parameter-shaped tensor."""
-        if len(self.groups) == 1 and self.groups[0].n_blocks == 1:
+        if self.single_block:
             return blocks[0].reshape(self.param_shape)
         out = blocks[0].new_empty(self.merged_shape)
         for group, stacked in zip(self.groups, blocks, strict=True):
