@@ -89,3 +89,17 @@ def split_batch_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
     for param in model.parameters():
         param.grad.div_(world_size)
+
+
+def assert_checkpoint_is_union_of_shares(saved: dict[str, Any], shares: list[dict[int, Any]]) -> None:
+    """A consolidated optimizer state holds exactly the union of the ranks' disjoint shares, each state
+    tensor equal to the one its owner held."""
+    assert shares[0] and shares[1] and not set(shares[0]) & set(shares[1])
+    params = [key for group in saved["param_groups"] for key in group["params"]]
+    assert sorted(saved["state"]) == sorted(params) == sorted(key for share in shares for key in share)
+    for share in shares:
+        for index, state in share.items():
+            assert any(key.startswith("factor_") for key in state), index
+            for key, value in state.items():
+                stored = saved["state"][index][key]
+                assert torch.equal(torch.as_tensor(value), torch.as_tensor(stored)), (index, key)
