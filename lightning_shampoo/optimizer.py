@@ -479,11 +479,15 @@ class Shampoo(Optimizer):
         state = self.state[param]
         root = local(state[f"root_{snapshot.name}"])
         # Background results are in (pinned) host memory: non-blocking copies, counts without a device sync.
-        accepted = result.accepted.to(root.device, non_blocking=True)
         new_root = result.root.to(root.device, root.dtype, non_blocking=True)
-        root.copy_(torch.where(accepted.view(-1, 1, 1), new_root, root))
-        state["preconditioned"] = True
         n_accepted = int(result.accepted.sum())
+        if n_accepted == result.accepted.numel():
+            # The usual case, on the install step's critical path: one copy, no temporary.
+            root.copy_(new_root)
+        elif n_accepted:
+            accepted = result.accepted.to(root.device, non_blocking=True)
+            root.copy_(torch.where(accepted.view(-1, 1, 1), new_root, root))
+        state["preconditioned"] = True
         self._counters["roots_accepted"] += n_accepted
         self._counters["roots_rejected"] += result.accepted.numel() - n_accepted
         finite = result.residual[result.residual.isfinite()]

@@ -63,7 +63,7 @@ def test_quick_run_records_every_figure(quick_run: tuple[Path, str]) -> None:
     # Progress: one line per measurement, tagged with its figure.
     assert stdout.count("[step_time] mlp | AdamW | round") == 2
     assert "[inverse_root] size 128" in stdout and "[convergence] digits |" in stdout
-    assert "[refresh_hiding] async: median" in stdout
+    assert "[refresh_hiding] round 1/1, async: median" in stdout
     assert "[scaling] 2 ranks, sharded: factor memory" in stdout
     # The README block renders from a fresh record too.
     assert "Not measured yet" not in readme.render(record, "results")
@@ -82,9 +82,11 @@ def test_quick_refresh_hiding_times_every_configuration(quick_run: tuple[Path, s
     assert list(runs) == ["sync", "async", "control: no refresh after step 1"]
     assert [r["refresh"] for r in runs.values()] == ["sync", "async", "sync"]
     for r in runs.values():
-        assert len(r["step_ms"]) == plan.steps and r["refreshes_timed"] == plan.periods
-        assert r["median_ms"] == pytest.approx(statistics.median(r["step_ms"]), abs=1e-3)
-        assert r["max_ms"] == pytest.approx(max(r["step_ms"]), abs=1e-3)
+        assert len(r["rounds"]) == plan.rounds
+        for measured in r["rounds"]:
+            assert len(measured["step_ms"]) == plan.steps and measured["refreshes_timed"] == plan.periods
+            assert measured["median_ms"] == pytest.approx(statistics.median(measured["step_ms"]), abs=1e-3)
+        assert r["max_ms"] == pytest.approx(max(t for m in r["rounds"] for t in m["step_ms"]), abs=1e-3)
     rows = {row[0]: row for row in figure["tables"][0]["rows"]}
     assert rows["async"][-1].startswith("p99/median ≤1.25: ") and rows["sync"][-1] == ""
 
@@ -187,10 +189,30 @@ def test_refresh_hiding_distribution_by_hand() -> None:
     # Steps 4..13 at frequency 5: steps 6 and 11 refresh (10 s and 30 s); the rest take 1 s.
     seconds = [1.0, 1.0, 10.0, 1.0, 1.0, 1.0, 1.0, 30.0, 1.0, 1.0]
     found = refresh_hiding.distribution(seconds, first_step=4, frequency=5)
-    assert found["median_ms"] == 1e3 and found["max_ms"] == 3e4
+    assert found["median_ms"] == 1e3 and found["max_ms"] == 3e4 and found["mean_ms"] == 4.8e3
     assert found["refresh_step_median_ms"] == 2e4 and found["refreshes_timed"] == 2
     # Inclusive p99 of 10 values: at rank 0.99·9 = 8.91 between the sorted 10 s and 30 s.
     assert found["p99_ms"] == pytest.approx(1e3 * (10 + 0.91 * 20))
+
+
+def test_refresh_hiding_summary_takes_medians_over_rounds() -> None:
+    config = refresh_hiding.Config("async", "async", 1, 1)
+
+    def measured(median: float, p99: float, biggest: float, wait: float) -> dict[str, float]:
+        return {"median_ms": median, "mean_ms": median, "p99_ms": p99, "max_ms": biggest,
+                "p99_over_median": p99 / median, "refresh_step_over_median": 1.0, "latency_s": 0.5,
+                "wait_s": wait}
+
+    rounds = [measured(10.0, 12.0, 13.0, 0.0), measured(10.0, 20.0, 40.0, 0.2),
+              measured(12.0, 13.2, 14.0, 0.1)]
+    summary = refresh_hiding.summarize(config, rounds, frequency=50)
+    assert summary["median_ms"] == 10.0 and summary["p99_ms"] == 13.2
+    assert summary["p99_over_median"] == pytest.approx(1.2)  # the ratios 1.2, 2.0, 1.1: their median
+    assert (summary["p99_over_median_min"], summary["p99_over_median_max"]) == pytest.approx((1.1, 2.0))
+    assert refresh_hiding.spread(summary) == "1.10–2.00"
+    assert summary["max_ms"] == 40.0 and summary["wait_s"] == 0.2
+    assert summary["lag_window_s"] == pytest.approx(0.5) and summary["rounds"] == rounds
+    assert refresh_hiding.goal_cell(summary) == "p99/median ≤1.25: met"
 
 
 def test_scaling_summary_takes_the_most_loaded_rank() -> None:

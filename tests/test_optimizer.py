@@ -191,6 +191,28 @@ def test_rejected_roots_keep_the_previous_root():
     assert torch.isfinite(w).all()
 
 
+def test_a_rejected_block_keeps_its_root_while_its_stack_mates_update():
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(10, 4))  # two 5×4 blocks: factor_0_0 stacks two 5×5 matrices
+    opt = Shampoo([w], block_size=5, start_preconditioning_step=1, precondition_frequency=1)
+    w.grad = torch.randn(10, 4)
+    opt.step()
+    root_before = opt.state[w]["root_0_0"].clone()
+    opt.state[w]["factor_0_0"][1, 0, 0] = float("nan")
+    w.grad = torch.randn(10, 4)
+    opt.step()
+    root_after = opt.state[w]["root_0_0"]
+    assert opt.metrics()["roots_rejected"] == 1
+    assert torch.equal(root_after[1], root_before[1])
+    assert not torch.equal(root_after[0], root_before[0])
+    # The accepted block holds the root of its own statistics (the ridge is relative: ε·λ_max).
+    factor = opt.state[w]["factor_0_0"][0].double()
+    eigenvalues, vectors = torch.linalg.eigh(factor)
+    shifted = eigenvalues.clamp_min(0) + 1e-6 * eigenvalues.max()  # the default epsilon, relative
+    expected = vectors @ torch.diag(shifted.pow(-0.25)) @ vectors.T
+    torch.testing.assert_close(root_after[0].double(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_factors_are_fp32_for_half_params():
     w = nn.Parameter(torch.randn(4, 3, dtype=torch.float16))
     opt = Shampoo([w], **FAST)
