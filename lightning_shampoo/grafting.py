@@ -1,7 +1,9 @@
 """Grafting: the step size of a diagonal method, the direction of Shampoo.
 
 The diagonal method's update ``A`` is computed elementwise on the whole parameter; per block the Shampoo
-direction ``D`` is rescaled to ``A``'s norm, ``U = D·‖A‖/‖D‖`` (``U = 0`` where ``‖D‖ = 0``).
+direction ``D`` is rescaled to ``A``'s norm, ``U = D·‖A‖/‖D‖`` (``U = 0`` where ``‖D‖ = 0``). The
+elementwise functions take the lists of a parameter group and run as ``torch._foreach`` ops: one call
+per phase for all parameters, instead of one per parameter.
 """
 
 from __future__ import annotations
@@ -19,33 +21,53 @@ def has_second_moment(graft: str) -> bool:
     return graft in ("adam", "adagrad", "rmsprop")
 
 
-def update_second_moment(graft: str, second_moment: Tensor, grad: Tensor, beta2: float) -> None:
-    """In place: ``v ← β·v + (1−β)·G²`` (adam, rmsprop) or ``v ← v + G²`` (adagrad)."""
+def update_second_moments(
+    graft: str, second_moments: list[Tensor], grads: list[Tensor], beta2: float
+) -> None:
+    """In place, for every parameter: ``v ← β·v + (1−β)·G²`` (adam, rmsprop) or ``v ← v + G²`` (adagrad)."""
     if graft == "adagrad":
-        second_moment.addcmul_(grad, grad)
+        torch._foreach_addcmul_(second_moments, grads, grads)
     else:
-        second_moment.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        torch._foreach_mul_(second_moments, beta2)
+        torch._foreach_addcmul_(second_moments, grads, grads, value=1.0 - beta2)
 
 
-def diagonal_update(
-    graft: str, momentum_hat: Tensor, second_moment: Tensor | None, step: int, beta2: float, epsilon: float
-) -> Tensor:
-    """The diagonal method's update ``A``.
+def diagonal_updates(
+    graft: str,
+    momenta_hat: list[Tensor],
+    second_moments: list[Tensor] | None,
+    steps: list[int],
+    beta2: float,
+    epsilon: float,
+) -> list[Tensor]:
+    """The diagonal method's update ``A`` of every parameter (``steps``: each one's step count ``t``).
 
     adam: ``M̂ / (√(v / (1−β^t)) + ε)``; adagrad and rmsprop: ``M̂ / (√v + ε)``; sgd and none: ``M̂``.
     """
-    if second_moment is None:
-        return momentum_hat
+    if second_moments is None:
+        return momenta_hat
     if graft == "adam":
-        denom = (second_moment / (1.0 - beta2**step)).sqrt_()
+        denominators = torch._foreach_div(second_moments, [1.0 - beta2**step for step in steps])
+        torch._foreach_sqrt_(denominators)
     else:
-        denom = second_moment.sqrt()
-    return momentum_hat / denom.add_(epsilon)
+        denominators = torch._foreach_sqrt(second_moments)
+    torch._foreach_add_(denominators, epsilon)
+    return torch._foreach_div(momenta_hat, denominators)
 
 
-def graft_norm(direction: Tensor, diagonal: Tensor) -> Tensor:
-    """Per block of a stack ``(n, …)``: ``U = D·‖A‖/‖D‖``, with ``U = 0`` where ``‖D‖ = 0``."""
-    d_norm = torch.linalg.vector_norm(direction.flatten(1), dim=1)
-    a_norm = torch.linalg.vector_norm(diagonal.flatten(1), dim=1)
-    scale = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
-    return direction * scale.view(-1, *([1] * (direction.dim() - 1)))
+def graft_norms(directions: list[Tensor], diagonals: list[Tensor]) -> list[Tensor]:
+    """Per block of every stack ``(n, …)``: ``U = D·‖A‖/‖D‖``, with ``U = 0`` where ``‖D‖ = 0``.
+
+    ``diagonals[j]`` is ``A`` split like ``directions[j]``. All blocks' norms come from two foreach calls.
+    """
+    norms = [
+        torch.stack(torch._foreach_norm([block for stack in stacks for block in stack.unbind(0)]))
+        for stacks in (directions, diagonals)
+    ]
+    d_norm, a_norm = norms
+    scales = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
+    per_stack = scales.split([stack.shape[0] for stack in directions])
+    broadcastable = [
+        scale.view(-1, *([1] * (stack.dim() - 1))) for stack, scale in zip(directions, per_stack, strict=True)
+    ]
+    return torch._foreach_mul(directions, broadcastable)

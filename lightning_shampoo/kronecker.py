@@ -15,7 +15,10 @@ from torch import Tensor
 
 
 def mode_unfold(stack: Tensor, dim: int) -> Tensor:
-    """``X₍ᵢ₎`` for every block: ``(n, d_i, rest)``. A view when the layout allows (always for 2-D)."""
+    """``X₍ᵢ₎`` for every block: ``(n, d_i, rest)``, its columns in a fixed order (the Gram matrix
+    ``X₍ᵢ₎X₍ᵢ₎ᵀ`` does not depend on it). A view for the first and the last dim of a contiguous stack."""
+    if dim == stack.dim() - 2:
+        return stack.reshape(stack.shape[0], -1, stack.shape[-1]).mT
     moved = stack.movedim(dim + 1, 1)
     return moved.reshape(moved.shape[0], moved.shape[1], -1)
 
@@ -34,11 +37,22 @@ def update_statistics(factors: Sequence[Tensor | None], grad_stack: Tensor, beta
 
 
 def precondition(stack: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
-    """``X ×₁ P₁ ⋯ ×ₖ Pₖ`` for every block (the ``P`` are symmetric), one ``bmm`` per factor."""
+    """``X ×₁ P₁ ⋯ ×ₖ Pₖ`` for every block, one ``bmm`` per factor.
+
+    The last mode multiplies from the right, ``X Pₖᵀ`` on the trailing dim, the others from the left,
+    ``Pᵢ X₍ᵢ₎`` with dim i moved to the front: for the 2-D blocks of matrices that is ``P₁ X P₂ᵀ`` with
+    no copies and a contiguous result.
+    """
+    n, last = stack.shape[0], stack.dim() - 2
     out = stack
     for dim, root in enumerate(roots):
-        if root is not None:
+        if root is None:
+            continue
+        if dim == last:
+            shape = out.shape
+            out = torch.bmm(out.reshape(n, -1, shape[-1]), root.mT).reshape(shape)
+        else:
             moved = out.movedim(dim + 1, 1)
-            product = torch.bmm(root, moved.reshape(moved.shape[0], moved.shape[1], -1))
+            product = torch.bmm(root, moved.reshape(n, moved.shape[1], -1))
             out = product.reshape(moved.shape).movedim(1, dim + 1)
     return out

@@ -303,11 +303,13 @@ class Shampoo(Optimizer):
         finite = self._finite_flags(entries)
         refresh = self._refresh_requested or self.policy.due(step)
         self._refresh_requested = False
+        # A non-finite gradient skips its parameter's update; its factors are still refreshed.
+        updating = _by_group([entry for entry, ok in zip(entries, finite, strict=True) if ok])
+        for group, members in updating:
+            self._accumulate(group, members, step)
         snapshots: list[FactorSnapshot] = []
-        for entry, ok in zip(entries, finite, strict=True):
-            if ok:
-                self._accumulate(entry.group, entry.param, entry.grad, step)
-            if refresh:
+        if refresh:
+            for entry in entries:
                 snapshots.extend(self._snapshot(entry.index, entry.group, entry.param))
         if snapshots:
             self._counters["refreshes"] += 1
@@ -317,9 +319,8 @@ class Shampoo(Optimizer):
             params = [param for _, _, param in self._indexed_params()]
             for snapshot, result in installs:
                 self._install(params[snapshot.param_index], snapshot, result)
-        for entry, ok in zip(entries, finite, strict=True):
-            if ok:
-                self._apply_update(entry.group, entry.param)
+        for group, members in updating:
+            self._apply_updates(group, members)
         if self._sync is not None:
             self._sync()
         return loss
@@ -437,19 +438,23 @@ class Shampoo(Optimizer):
             self._plans[param] = plan
         return plan
 
-    def _accumulate(self, group: dict[str, Any], param: Tensor, grad: Tensor, step: int) -> None:
-        """Phase 1 and 2: moments, the graft's second moment, and the factors' statistics."""
-        state = self.state[param]
-        state["step"] += 1
-        grad32 = local(grad).float()
+    def _accumulate(self, group: dict[str, Any], entries: list[_Entry], step: int) -> None:
+        """Phases 1 and 2 for a group's parameters: moments and the graft's second moment (batched over
+        the parameters), and the factors' statistics (batched over each parameter's blocks)."""
+        states = [self.state[entry.param] for entry in entries]
+        for state in states:
+            state["step"] += 1
+        grads32 = [local(entry.grad).float() for entry in entries]
         beta1, beta2 = group["betas"]
-        local(state["exp_avg"]).lerp_(grad32, 1.0 - beta1)
-        if "graft_sq" in state:
-            graft_sq = local(state["graft_sq"])
-            grafting.update_second_moment(group["graft"], graft_sq, grad32, group["graft_beta2"])
-        plan = self._plan(group, param)
-        if plan.preconditioned and step % self.statistics_frequency == 0:
-            for g, stack in enumerate(plan.split(grad32)):
+        torch._foreach_lerp_([local(state["exp_avg"]) for state in states], grads32, 1.0 - beta1)
+        if grafting.has_second_moment(group["graft"]):
+            second_moments = [local(state["graft_sq"]) for state in states]
+            grafting.update_second_moments(group["graft"], second_moments, grads32, group["graft_beta2"])
+        if step % self.statistics_frequency:
+            return
+        for entry, state, grad32 in zip(entries, states, grads32, strict=True):
+            plan = self._plan(group, entry.param)
+            for g, stack in enumerate(plan.split(grad32) if plan.preconditioned else []):
                 update_statistics(_group_tensors(state, "factor", g, plan), stack, beta2)
 
     def _snapshot(self, index: int, group: dict[str, Any], param: Tensor) -> list[FactorSnapshot]:
@@ -494,38 +499,64 @@ class Shampoo(Optimizer):
         if finite.numel():
             self._max_residual = max(self._max_residual, float(finite.max()))
 
-    def _apply_update(self, group: dict[str, Any], param: Tensor) -> None:
-        """Phase 4: direction, grafting, decoupled weight decay and the parameter step."""
-        state = self.state[param]
-        step = state["step"]
+    def _apply_updates(self, group: dict[str, Any], entries: list[_Entry]) -> None:
+        """Phase 4 for a group's parameters: direction, grafting, decoupled weight decay, parameter step."""
+        states = [self.state[entry.param] for entry in entries]
+        steps = [state["step"] for state in states]
         beta1 = group["betas"][0]
-        momentum_hat = local(state["exp_avg"]) / (1.0 - beta1**step)
-        diagonal = grafting.diagonal_update(
+        momenta_hat = torch._foreach_div(
+            [local(state["exp_avg"]) for state in states], [1.0 - beta1**step for step in steps]
+        )
+        second_moments = None
+        if grafting.has_second_moment(group["graft"]):
+            second_moments = [local(state["graft_sq"]) for state in states]
+        diagonals = grafting.diagonal_updates(
             group["graft"],
-            momentum_hat,
-            local(state["graft_sq"]) if "graft_sq" in state else None,
-            step,
+            momenta_hat,
+            second_moments,
+            steps,
             group["graft_beta2"],
             group["graft_epsilon"],
         )
-        plan = self._plan(group, param)
-        if plan.preconditioned and state["preconditioned"]:
-            directions = [
-                precondition(stack, _group_tensors(state, "root", g, plan))
-                for g, stack in enumerate(plan.split(momentum_hat))
-            ]
-            if group["graft"] != "none":
-                directions = [
-                    grafting.graft_norm(direction, diag)
-                    for direction, diag in zip(directions, plan.split(diagonal), strict=True)
-                ]
-            update = plan.merge(directions)
-        else:
-            update = diagonal
-        weights = local(param)
+        weights = [local(entry.param) for entry in entries]
+        updates = [
+            update.to(weight.dtype)
+            for update, weight in zip(
+                self._updates(group, entries, states, momenta_hat, diagonals), weights, strict=True
+            )
+        ]
         if group["weight_decay"]:
-            weights.mul_(1.0 - group["lr"] * group["weight_decay"])
-        weights.add_(update.to(weights.dtype), alpha=-group["lr"])
+            torch._foreach_mul_(weights, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(weights, updates, alpha=-group["lr"])
+
+    def _updates(
+        self,
+        group: dict[str, Any],
+        entries: list[_Entry],
+        states: list[dict[str, Any]],
+        momenta_hat: list[Tensor],
+        diagonals: list[Tensor],
+    ) -> list[Tensor]:
+        """Every parameter's update: Shampoo's direction grafted onto its diagonal update, or the diagonal
+        update alone until the parameter's first roots are installed."""
+        plans = [self._plan(group, entry.param) for entry in entries]
+        updates = list(diagonals)
+        owners, directions, diagonal_stacks = [], [], []
+        for i, (plan, state) in enumerate(zip(plans, states, strict=True)):
+            if plan.preconditioned and state["preconditioned"]:
+                for g, stack in enumerate(plan.split(momenta_hat[i])):
+                    owners.append(i)
+                    directions.append(precondition(stack, _group_tensors(state, "root", g, plan)))
+                if group["graft"] != "none":
+                    diagonal_stacks.extend(plan.split(diagonals[i]))
+        if diagonal_stacks:
+            directions = grafting.graft_norms(directions, diagonal_stacks)
+        per_param: dict[int, list[Tensor]] = {}
+        for i, direction in zip(owners, directions, strict=True):
+            per_param.setdefault(i, []).append(direction)
+        for i, stacks in per_param.items():
+            updates[i] = plans[i].merge(stacks)
+        return updates
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -648,6 +679,14 @@ class Shampoo(Optimizer):
                     f"Shampoo checkpoint does not match {name}: state {key!r} has shape {found}, expected "
                     f"{shape}. Was it saved for another model?"
                 )
+
+
+def _by_group(entries: list[_Entry]) -> list[tuple[dict[str, Any], list[_Entry]]]:
+    """The entries of each param group, in order: the unit the batched (foreach) phases work on."""
+    groups: dict[int, tuple[dict[str, Any], list[_Entry]]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry.group), (entry.group, []))[1].append(entry)
+    return list(groups.values())
 
 
 def _factor_shapes(plan: BlockPlan) -> list[tuple[str, tuple[int, int, int]]]:
