@@ -518,15 +518,11 @@ class Shampoo(Optimizer):
             group["graft_beta2"],
             group["graft_epsilon"],
         )
+        updates = self._updates(group, entries, states, momenta_hat, diagonals)
         weights = [local(entry.param) for entry in entries]
-        updates = [
-            update.to(weight.dtype)
-            for update, weight in zip(
-                self._updates(group, entries, states, momenta_hat, diagonals), weights, strict=True
-            )
-        ]
         if group["weight_decay"]:
             torch._foreach_mul_(weights, 1.0 - group["lr"] * group["weight_decay"])
+        updates = [update.to(weight.dtype) for update, weight in zip(updates, weights, strict=True)]
         torch._foreach_add_(weights, updates, alpha=-group["lr"])
 
     def _updates(
