@@ -1,6 +1,7 @@
 """Behaviour of the Shampoo optimizer beyond the update formulas (those are in test_reference_equivalence)."""
 
 import copy
+import itertools
 import warnings
 
 import pytest
@@ -234,3 +235,37 @@ def test_statistics_every_k_steps():
     expected = (1 - beta2) * grads[1] @ grads[1].T
     expected = beta2 * expected + (1 - beta2) * grads[3] @ grads[3].T
     torch.testing.assert_close(opt.state[w]["factor_0_0"][0], expected)
+
+
+def test_param_groups_are_batched_apart_and_keep_their_own_hyperparameters():
+    # One optimizer over two groups steps every parameter exactly like one optimizer per group: the
+    # batched (foreach) phases never mix one group's lr, betas, graft or weight decay into another's.
+    groups = [
+        dict(lr=0.1, weight_decay=0.1, betas=(0.9, 0.95), graft="adam", epsilon=1e-4),
+        dict(lr=0.05, betas=(0.5, 0.99), graft="rmsprop", graft_beta2=0.9, graft_epsilon=1e-3),
+    ]
+    shapes = [[(6, 5), (5,)], [(4, 3, 2), (7,), (8, 2)]]
+
+    def build() -> list[list[nn.Parameter]]:
+        torch.manual_seed(0)
+        return [[nn.Parameter(torch.randn(shape)) for shape in group] for group in shapes]
+
+    together, apart = build(), build()
+    pairs = list(zip(itertools.chain(*together), itertools.chain(*apart), strict=True))
+    joint = Shampoo([{"params": ps, **options} for ps, options in zip(together, groups, strict=True)], **FAST)
+    single = [Shampoo(ps, **options, **FAST) for ps, options in zip(apart, groups, strict=True)]
+    gen = torch.Generator().manual_seed(1)
+    for step in range(7):
+        for a, b in pairs:
+            a.grad = torch.randn(a.shape, generator=gen)
+            b.grad = a.grad.clone()
+        if step == 3:  # a skipped parameter in the middle of a group
+            together[1][1].grad[0] = apart[1][1].grad[0] = float("nan")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            joint.step()
+            for optimizer in single:
+                optimizer.step()
+    for a, b in pairs:
+        assert torch.equal(a, b)
+    assert joint.state[together[1][1]]["step"] == 6 and joint.state[together[1][0]]["step"] == 7
