@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
@@ -405,7 +407,7 @@ class Shampoo(Optimizer):
                         "and its statistics are left untouched (further occurrences are only counted in "
                         "metrics()['nonfinite_skips']). Check the loss scale or clip gradients.",
                         RuntimeWarning,
-                        stacklevel=3,
+                        stacklevel=_caller_stacklevel(),
                     )
         return [flags.get(entry.index, True) for entry in entries]
 
@@ -675,6 +677,18 @@ class Shampoo(Optimizer):
                     f"Shampoo checkpoint does not match {name}: state {key!r} has shape {found}, expected "
                     f"{shape}. Was it saved for another model?"
                 )
+
+
+def _caller_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning raised in the calling function to the first frame outside
+    torch, this package and the trainers that wrap ``step()`` (Lightning, Accelerate): the user's line."""
+    names = ("torch", "lightning", "pytorch_lightning", "accelerate", __package__)
+    files = [getattr(sys.modules.get(name), "__file__", None) for name in names]
+    folders = tuple(os.path.dirname(file) + os.sep for file in files if file)
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(folders):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _by_group(entries: list[_Entry]) -> list[tuple[dict[str, Any], list[_Entry]]]:
