@@ -60,14 +60,15 @@ def graft_norms(directions: list[Tensor], diagonals: list[Tensor]) -> list[Tenso
 
     ``diagonals[j]`` is ``A`` split like ``directions[j]``. All blocks' norms come from two foreach calls.
     """
-    norms = [
-        torch.stack(torch._foreach_norm([block for stack in stacks for block in stack.unbind(0)]))
-        for stacks in (directions, diagonals)
-    ]
-    d_norm, a_norm = norms
+    d_norm, a_norm = _block_norms(directions), _block_norms(diagonals)
     scales = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
     per_stack = scales.split([stack.shape[0] for stack in directions])
     broadcastable = [
         scale.view(-1, *([1] * (stack.dim() - 1))) for stack, scale in zip(directions, per_stack, strict=True)
     ]
     return torch._foreach_mul(directions, broadcastable)
+
+
+def _block_norms(stacks: list[Tensor]) -> Tensor:
+    """``‖block‖`` of every block of every stack, in order, from one foreach call."""
+    return torch.stack(torch._foreach_norm([block for stack in stacks for block in stack.unbind(0)]))
