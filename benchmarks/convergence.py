@@ -45,14 +45,24 @@ class ConvergenceTask:
     build: Callable[[], nn.Module]
     sample: Callable[[torch.Generator], Batch]
     loss: Callable[[nn.Module, Batch], Tensor]
-    train_loss: Callable[[nn.Module], float]
-    heldout_loss: Callable[[nn.Module], float]
+    train_eval: Batch  # the training evaluation set the target is judged on
+    heldout_eval: Batch
     target: float
     max_steps: int
     eval_every: int
     seeds: int
     lrs: dict[str, tuple[float, ...]]  # the sweep of each optimizer family
     shampoo: dict[str, Any] = field(default_factory=dict)  # Shampoo's settings besides lr
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, data: Batch) -> float:
+        return float(self.loss(model, data))
+
+    def train_loss(self, model: nn.Module) -> float:
+        return self.evaluate(model, self.train_eval)
+
+    def heldout_loss(self, model: nn.Module) -> float:
+        return self.evaluate(model, self.heldout_eval)
 
     def sweeps(self) -> dict[str, list[OptimizerSpec]]:
         return {
@@ -80,10 +90,6 @@ def digits_task(quick: bool, device: torch.device) -> ConvergenceTask:
     def loss(model: nn.Module, data: Batch) -> Tensor:
         return F.cross_entropy(model(data[0]), data[1])
 
-    @torch.no_grad()
-    def split_loss(model: nn.Module, data: Batch) -> float:
-        return float(loss(model, data))
-
     lrs = (3e-3, 3e-2) if quick else (1e-3, 3e-3, 1e-2, 3e-2)
     return ConvergenceTask(
         name="digits",
@@ -91,8 +97,8 @@ def digits_task(quick: bool, device: torch.device) -> ConvergenceTask:
         build=lambda: mlp((64, 128, 128, 10)).to(device),
         sample=sample,
         loss=loss,
-        train_loss=lambda model: split_loss(model, train),
-        heldout_loss=lambda model: split_loss(model, heldout),
+        train_eval=train,
+        heldout_eval=heldout,
         target=0.3 if quick else 0.01,
         max_steps=40 if quick else 400,
         eval_every=5,
@@ -128,10 +134,6 @@ def char_lm_task(quick: bool, device: torch.device) -> ConvergenceTask:
     def sample(gen: torch.Generator) -> Batch:
         return windows(train, torch.randint(0, len(train), (batch,), generator=gen), device)
 
-    @torch.no_grad()
-    def split_loss(model: nn.Module, data: Batch) -> float:
-        return float(next_token_loss(model, data))
-
     def build() -> nn.Module:
         model = CharTransformer(StdlibText.vocab_size, context, d_model, heads, layers)
         return model.to(device)
@@ -145,8 +147,8 @@ def char_lm_task(quick: bool, device: torch.device) -> ConvergenceTask:
         build=build,
         sample=sample,
         loss=next_token_loss,
-        train_loss=lambda model: split_loss(model, train_eval),
-        heldout_loss=lambda model: split_loss(model, heldout_eval),
+        train_eval=train_eval,
+        heldout_eval=heldout_eval,
         target=3.5 if quick else 2.25,
         max_steps=40 if quick else 250,
         eval_every=5 if quick else 10,
