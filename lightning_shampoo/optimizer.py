@@ -449,8 +449,8 @@ class Shampoo(Optimizer):
         grads32 = [local(entry.grad).float() for entry in entries]
         beta1, beta2 = group["betas"]
         torch._foreach_lerp_([local(state["exp_avg"]) for state in states], grads32, 1.0 - beta1)
-        if grafting.has_second_moment(group["graft"]):
-            second_moments = [local(state["graft_sq"]) for state in states]
+        second_moments = _graft_second_moments(group, states)
+        if second_moments is not None:
             grafting.update_second_moments(group["graft"], second_moments, grads32, group["graft_beta2"])
         if step % self.statistics_frequency:
             return
@@ -509,13 +509,10 @@ class Shampoo(Optimizer):
         momenta_hat = torch._foreach_div(
             [local(state["exp_avg"]) for state in states], [1.0 - beta1**step for step in steps]
         )
-        second_moments = None
-        if grafting.has_second_moment(group["graft"]):
-            second_moments = [local(state["graft_sq"]) for state in states]
         diagonals = grafting.diagonal_updates(
             group["graft"],
             momenta_hat,
-            second_moments,
+            _graft_second_moments(group, states),
             steps,
             group["graft_beta2"],
             group["graft_epsilon"],
@@ -538,23 +535,25 @@ class Shampoo(Optimizer):
         """Every parameter's update: Shampoo's direction grafted onto its diagonal update, or the diagonal
         update alone until the parameter's first roots are installed."""
         plans = [self._plan(group, entry.param) for entry in entries]
-        updates = list(diagonals)
-        owners, directions, diagonal_stacks = [], [], []
-        for i, (plan, state) in enumerate(zip(plans, states, strict=True)):
-            if plan.preconditioned and state["preconditioned"]:
-                for g, stack in enumerate(plan.split(momenta_hat[i])):
-                    owners.append(i)
-                    directions.append(precondition(stack, _group_tensors(state, "root", g, plan)))
-                if group["graft"] != "none":
-                    diagonal_stacks.extend(plan.split(diagonals[i]))
-        if diagonal_stacks:
-            directions = grafting.graft_norms(directions, diagonal_stacks)
-        per_param: dict[int, list[Tensor]] = {}
-        for i, direction in zip(owners, directions, strict=True):
-            per_param.setdefault(i, []).append(direction)
-        for i, stacks in per_param.items():
-            updates[i] = plans[i].merge(stacks)
-        return updates
+        # Per preconditioned parameter, its blocks' directions, one stack per block group.
+        directions = {
+            i: [
+                precondition(stack, _group_tensors(state, "root", g, plans[i]))
+                for g, stack in enumerate(plans[i].split(momenta_hat[i]))
+            ]
+            for i, state in enumerate(states)
+            if plans[i].preconditioned and state["preconditioned"]
+        }
+        if directions and group["graft"] != "none":
+            # All stacks of the group grafted together, then handed back in order.
+            flat = [stack for stacks in directions.values() for stack in stacks]
+            flat_diagonals = [stack for i in directions for stack in plans[i].split(diagonals[i])]
+            grafted = iter(grafting.graft_norms(flat, flat_diagonals))
+            directions = {i: [next(grafted) for _ in stacks] for i, stacks in directions.items()}
+        return [
+            plans[i].merge(directions[i]) if i in directions else diagonal
+            for i, diagonal in enumerate(diagonals)
+        ]
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -689,6 +688,13 @@ def _caller_stacklevel() -> int:
     while frame.f_back is not None and frame.f_code.co_filename.startswith(folders):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def _graft_second_moments(group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor] | None:
+    """The graft's second moments of a group's parameters; ``None`` for a graft without one."""
+    if not grafting.has_second_moment(group["graft"]):
+        return None
+    return [local(state["graft_sq"]) for state in states]
 
 
 def _by_group(entries: list[_Entry]) -> list[tuple[dict[str, Any], list[_Entry]]]:
