@@ -212,9 +212,10 @@ def _lower_priority() -> None:
     OpenMP/MKL threads it starts inherit it).
 
     Where cores are short (CPU training on all of them, a busy data loader), the scheduler then gives
-    them to training and the refresh takes the leftover cycles; measured on a loaded 2-core machine, an
-    un-niced refresh doubled the forward/backward time of the steps it overlapped. The price is a
-    slower refresh there, which the lag (or a wait at ``t + lag``) absorbs.
+    them to training and the refresh takes the leftover cycles (once measured on a loaded 2-core machine,
+    an un-niced refresh doubled the forward/backward time of the steps it overlapped; with a core free
+    for the worker, niced and un-niced runs time alike). The price is a slower refresh where cores are
+    short, which the lag (or a wait at ``t + lag``) absorbs.
     """
     if sys.platform.startswith("linux"):
         thread = threading.get_native_id()
