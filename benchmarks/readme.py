@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import convergence, refresh_hiding, report, scaling, step_time
+from . import convergence, memory, refresh_hiding, report, roots_bench, scaling, step_time
 from .harness import goal_verdict
 
 BEGIN = "<!-- results:begin -->"
@@ -149,8 +149,8 @@ SUMMARIES: dict[str, Callable[[Figure], Summary]] = {
     convergence.NAME: _convergence,
     refresh_hiding.NAME: _refresh_hiding,
     scaling.NAME: _scaling,
-    "inverse_root": _inverse_root,
-    "memory": _memory,
+    roots_bench.NAME: _inverse_root,
+    memory.NAME: _memory,
 }
 
 
