@@ -36,6 +36,7 @@ from torch import nn
 
 from . import report
 from .harness import FigureResult, Settings, Table, goal_verdict, progress
+from .memory import state_bytes
 
 NAME = "scaling"
 FACTOR_GOAL = 1.8  # per-rank factor memory and refresh time, 1 rank over 2 ranks sharded
@@ -81,16 +82,6 @@ def _model(config: Config) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-def factor_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of the Kronecker factors and their inverse roots this rank keeps."""
-    return sum(
-        value.numel() * value.element_size()
-        for state in optimizer.state.values()
-        for key, value in state.items()
-        if key.startswith(("factor_", "root_"))
-    )
-
-
 def _measure(rank: int, ranks: int, group: Any, config: Config, distribute: str) -> dict[str, Any]:
     """Train ``config`` on ``ranks`` ranks of ``group``; this rank's memory, refresh and step figures."""
     from lightning_shampoo import Shampoo
@@ -127,7 +118,7 @@ def _measure(rank: int, ranks: int, group: Any, config: Config, distribute: str)
     optimizer.close()
     return {
         "rank": rank,
-        "factor_bytes": factor_bytes(optimizer),
+        "factor_bytes": sum(state_bytes(optimizer).get(kind, 0) for kind in ("factors", "roots")),
         "refresh_s": (optimizer.metrics()["wait_s"] - wait_before) / len(refresh_cpu),
         "refresh_cpu_s": statistics.fmean(refresh_cpu) - statistics.median(plain_cpu),
         "step_s": statistics.median(plain),
