@@ -62,7 +62,9 @@ def _by_hand() -> tuple[nn.Module, Shampoo]:
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 loss = F.cross_entropy(net(inputs), targets)
             (loss / ACCUMULATE).backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), CLIP)
+        # Lightning clips the optimizer's parameters in param-group order (weights, then biases); the total
+        # norm's rounding depends on that order.
+        torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], CLIP)
         optimizer.step()
     return net, optimizer
 
