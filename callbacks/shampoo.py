@@ -9,34 +9,38 @@ import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_shampoo import OnRequest, Shampoo
+from lightning_shampoo import EveryNSteps, OnRequest, Shampoo, register_strategies
+
+register_strategies()  # the Lightning-facing modules make strategy="shampoo_ddp" / "shampoo_fsdp" work
 
 
 class ShampooCallback(Callback):
     r"""Drives every :class:`~lightning_shampoo.Shampoo` optimizer of the Trainer.
 
-    - **Refresh schedule**: requests a preconditioner refresh (``optimizer.request_refresh()``) at the
-      optimizer steps ``t`` with ``t % every_n_steps == 0`` and/or at the first step after every training
-      epoch. ``t`` is the optimizer's own step count, so neither the micro-batches of gradient accumulation
-      nor the steps the AMP grad scaler skips (``optimizer.step()`` never runs) count. The requests come on
-      top of the optimizer's ``refresh_policy``; ``refresh_policy=OnRequest()`` lets the callback own the
-      schedule.
+    - **Refresh schedule**: with ``every_n_steps`` the callback owns the schedule: it installs
+      ``EveryNSteps(every_n_steps, every_n_steps)`` as each optimizer's refresh policy (refreshes at the
+      optimizer steps ``t`` with ``t % every_n_steps == 0``), replacing the optimizer's own. ``t`` is the
+      optimizer's own step count, so neither the micro-batches of gradient accumulation nor the steps the
+      AMP grad scaler skips (``optimizer.step()`` never runs) count. With ``on_epoch_end`` it also
+      requests a refresh (``optimizer.request_refresh()``) for the first step after every training epoch.
+      Without either, the optimizer's own policy rules alone.
     - **Checkpoints**: in-flight refreshes are drained (``optimizer.drain()``) before the optimizer state is
       taken, so a checkpoint holds their results and a resumed run need not recompute them.
-    - **Shutdown**: ``optimizer.close()`` at the end of fit and when fit raises (Ctrl-C included).
+    - **Shutdown**: ``optimizer.close()`` at the end of fit; when fit raises (Ctrl-C included) the worker
+      is stopped without waiting for the refresh it computes.
     - **Logging**: ``optimizer.metrics()`` under ``shampoo/`` (``shampoo{i}/`` with several Shampoo
       optimizers) to the Trainer's loggers; the ``progress_bar`` subset also to the progress bar.
 
     Example::
 
-        model = MyModule(optimizer=lambda params: Shampoo(params, refresh_policy=OnRequest()))
+        model = MyModule(optimizer=lambda params: Shampoo(params))
         trainer = Trainer(callbacks=[ShampooCallback(every_n_steps=50, on_epoch_end=True)])
 
     Args:
-        every_n_steps: request a refresh at every ``every_n_steps``-th optimizer step; ``None``: never.
+        every_n_steps: refresh at every ``every_n_steps``-th optimizer step (the callback's policy replaces
+            the optimizer's); ``None``: keep the optimizer's policy.
         on_epoch_end: request a refresh at the end of every training epoch (it runs at the next step).
         progress_bar: names of ``metrics()`` entries also shown on the progress bar (absent ones are skipped).
     """
@@ -56,7 +60,7 @@ class ShampooCallback(Callback):
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Finds the Shampoo optimizers among ``trainer.optimizers`` and says how their schedules combine.
+        """Finds the Shampoo optimizers among ``trainer.optimizers`` and installs the schedule.
 
         Args:
             trainer: the running Trainer.
@@ -70,16 +74,16 @@ class ShampooCallback(Callback):
                 f"({names}), so it schedules and logs nothing. Return a Shampoo from configure_optimizers or "
                 "remove the callback."
             )
-        schedules = self.every_n_steps is not None or self.on_epoch_end
         for index, optimizer in self._optimizers.items():
-            on_request = isinstance(optimizer.policy, OnRequest)
-            if schedules and not on_request:
-                rank_zero_info(
-                    f"ShampooCallback: its refreshes come on top of optimizer {index}'s own refresh_policy "
-                    f"({optimizer.policy}); pass refresh_policy=OnRequest() to let the callback own the "
-                    "schedule."
-                )
-            elif not schedules and on_request:
+            if self.every_n_steps is not None:
+                policy = EveryNSteps(self.every_n_steps, self.every_n_steps)
+                if not isinstance(optimizer.policy, OnRequest) and optimizer.policy != policy:
+                    rank_zero_info(
+                        f"ShampooCallback(every_n_steps={self.every_n_steps}) owns the refresh schedule: it "
+                        f"replaces optimizer {index}'s refresh_policy ({optimizer.policy}) with {policy}."
+                    )
+                optimizer.set_refresh_policy(policy)
+            elif not self.on_epoch_end and isinstance(optimizer.policy, OnRequest):
                 rank_zero_warn(
                     f"Optimizer {index} has refresh_policy=OnRequest() and ShampooCallback requests no "
                     "refresh, so the preconditioners are never computed. Set every_n_steps and/or "
@@ -94,26 +98,6 @@ class ShampooCallback(Callback):
                     f"refresh when it is installed, and a run shorter than {lag} steps is never "
                     f"preconditioned. Pass refresh_lag <= {period} to the optimizer."
                 )
-
-    @override
-    def on_before_optimizer_step(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
-    ) -> None:
-        """Requests a refresh when the step about to run is a multiple of ``every_n_steps``.
-
-        Lightning calls this only before real steps, never between accumulated micro-batches. A request
-        outlives a step the AMP scaler skips, so it lands on the next step that runs, which has that number.
-
-        Args:
-            trainer: the running Trainer.
-            pl_module: the module being trained.
-            optimizer: the optimizer about to step.
-        """
-        if self.every_n_steps is None or not isinstance(optimizer, Shampoo):
-            return
-        upcoming = int(optimizer.metrics()["step"]) + 1
-        if upcoming % self.every_n_steps == 0:
-            optimizer.request_refresh()
 
     @override
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -194,16 +178,17 @@ class ShampooCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Shuts down every Shampoo optimizer's refresh engine, so no worker outlives a failed fit.
+        """Stops every Shampoo optimizer's refresh worker without waiting for its refresh, so no worker
+        outlives a failed fit and Ctrl-C ends it at once.
 
         Args:
             trainer: the running Trainer.
             pl_module: the module being trained.
             exception: what fit raised.
         """
-        self._close()
+        self._close(wait=False)
 
-    def _close(self) -> None:
+    def _close(self, wait: bool = True) -> None:
         for optimizer in self._optimizers.values():
-            optimizer.close()
+            optimizer.close(wait=wait)
         self._optimizers = {}

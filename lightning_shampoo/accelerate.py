@@ -43,7 +43,7 @@ from accelerate import Accelerator
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from .optimizer import Shampoo
+from .optimizer import Shampoo, unwrap
 
 
 def prepare_shampoo(accelerator: Accelerator, *optimizers: Optimizer) -> list[RemovableHandle]:
@@ -60,7 +60,7 @@ def prepare_shampoo(accelerator: Accelerator, *optimizers: Optimizer) -> list[Re
         the hooks' handles; ``remove()`` them before preparing new optimizers on the same accelerator
         (e.g. after ``accelerator.free_memory()``).
     """
-    shampoos = [_unwrap(optimizer) for optimizer in optimizers]
+    shampoos = [unwrap(optimizer) for optimizer in optimizers]
     for optimizer in shampoos:
         if not isinstance(optimizer, Shampoo):
             raise TypeError(f"prepare_shampoo takes Shampoo optimizers, got {type(optimizer).__name__}")
@@ -87,8 +87,3 @@ def prepare_shampoo(accelerator: Accelerator, *optimizers: Optimizer) -> list[Re
         accelerator.register_load_state_pre_hook(wait),
     ]
 
-
-def _unwrap(optimizer: Optimizer) -> Optimizer:
-    # Accelerate's AcceleratedOptimizer keeps the wrapped optimizer in `.optimizer`.
-    inner = getattr(optimizer, "optimizer", None)
-    return inner if isinstance(inner, Optimizer) else optimizer

@@ -8,17 +8,18 @@ DDP saving does); for large models each rank writes its own part instead::
 
 The flat dict written here names parameters (by their index in the optimizer) and blocks, never ranks:
 ``state.{i}.{key}`` per parameter, ``pending.{step}.{install_step}.{i}.{factor}.{field}`` per refresh in
-flight, and ``meta`` (the parameter groups and step counters, the same on every rank). With parameters
-sharded by owner (DDP) each key is written by its owner alone, so a checkpoint written on N ranks loads
-on M: each rank reads what it owns now. Per-block state of DTensor parameters (FSDP2) is a DTensor, so
-DCP keeps every rank's blocks; it reloads onto the same sharding (or any sharding whose shards
+flight, and ``meta`` (the parameter groups and step counters, the same on every rank). Every entry is a
+tensor (plain values travel as JSON bytes in a uint8 tensor), so loading never unpickles anything. With
+parameters sharded by owner (DDP) each key is written by its owner alone, so a checkpoint written on N
+ranks loads on M: each rank reads what it owns now. Per-block state of DTensor parameters (FSDP2) is a
+DTensor, so DCP keeps every rank's blocks; it reloads onto the same sharding (or any sharding whose shards
 ``block_size`` divides, where the blocks are those of the whole parameter).
 """
 
 from __future__ import annotations
 
+import json
 import os
-import pickle
 from typing import Any
 
 import torch
@@ -26,34 +27,54 @@ import torch.distributed.checkpoint as dcp
 from torch import Tensor
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from . import distributed
-from .distributed import local
+from . import statedict
 from .optimizer import Shampoo
 
-_RESULT_FIELDS = ("root", "residual", "accepted")
+_RESULT_FIELDS = {"root": ("root", "residual", "accepted"), "basis": ("basis", "residual", "accepted")}
+
+
+def encode(value: Any) -> Tensor:
+    """Plain values (JSON) as a uint8 tensor: DCP saves tensors without pickling them."""
+    try:
+        text = json.dumps(value)
+    except TypeError as error:
+        raise TypeError(
+            f"Shampoo's per-rank checkpoint stores plain values (numbers, strings, lists) only: {error}. "
+            "Keep "
+            "parameter-group options plain (e.g. a float lr, not a tensor)."
+        ) from error
+    return torch.tensor(list(text.encode()), dtype=torch.uint8)
+
+
+def decode(tensor: Tensor) -> Any:
+    return json.loads(bytes(tensor.tolist()).decode())
 
 
 def sharded_state_dict(optimizer: Shampoo) -> dict[str, Any]:
-    """This rank's part of ``optimizer``'s state as a flat dict for ``torch.distributed.checkpoint.save``.
+    """This rank's part of ``optimizer``'s state, a flat dict of tensors for ``torch.distributed.checkpoint``.
 
     Call it on every rank and save the dicts together (DCP merges them).
     """
-    state = optimizer._local_state_dict()
+    state = optimizer.shard_state_dict()
     extra = {key: value for key, value in state["shampoo"].items() if key not in ("engine", "shard")}
-    flat: dict[str, Any] = {"meta": pickle.dumps({"param_groups": state["param_groups"], "shampoo": extra})}
+    flat: dict[str, Any] = {"meta": encode({"param_groups": state["param_groups"], "shampoo": extra})}
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
-            flat[f"state.{index}.{key}"] = value
+            flat[f"state.{index}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
     params = _params(optimizer)
-    for entry in distributed.pending_entries(state["shampoo"]["engine"]):
-        snapshot = entry["snapshot"]
-        param = params[snapshot["param_index"]]
+    layout = optimizer.layout
+    for entry in statedict.pending_entries(state["shampoo"]["engine"]):
+        snapshot, param = entry["snapshot"], params[entry["snapshot"]["param_index"]]
         prefix = _pending_prefix(entry)
-        flat[f"{prefix}.matrices"] = distributed.block_state(param, snapshot["matrices"])
-        flat[f"{prefix}.settings"] = (snapshot["exponent"], snapshot["epsilon"], snapshot["relative_epsilon"])
+        flat[f"{prefix}.matrices"] = layout.export(param, snapshot["matrices"], per_block=True)
+        flat[f"{prefix}.request"] = encode(snapshot["request"])
+        if snapshot.get("previous") is not None:
+            flat[f"{prefix}.previous"] = layout.export(param, snapshot["previous"], per_block=True)
         if entry["result"] is not None:
-            for field in _RESULT_FIELDS:
-                flat[f"{prefix}.{field}"] = distributed.block_state(param, entry["result"][field])
+            result = entry["result"]
+            flat[f"{prefix}.kind"] = encode(result["kind"])
+            for field in _RESULT_FIELDS[result["kind"]]:
+                flat[f"{prefix}.{field}"] = layout.export(param, result[field], per_block=True)
     return flat
 
 
@@ -79,30 +100,30 @@ def load_sharded_state_dict(
         for fqn, item in storage_reader.read_metadata().state_dict_metadata.items()
         if fqn.startswith(prefix)
     }
-    if "meta" not in saved:
+    if "meta" not in saved or not isinstance(saved["meta"], TensorStorageMetadata):
         raise ValueError(
             f"No Shampoo state under {key!r} in checkpoint {checkpoint_id}: write it with sharded_state_dict."
         )
-    holder: dict[str, Any] = {"meta": b""}
+    holder = {"meta": torch.empty(saved["meta"].size, dtype=torch.uint8)}
     dcp.load({key: holder}, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
-    meta = pickle.loads(holder["meta"])
-    optimizer._resolve_sharding()
+    meta = decode(holder["meta"])
+    layout = optimizer.layout  # decided now (a collective where sharded), before choosing what to read
     # Shapes from the metadata (meta tensors) go through the optimizer's own checks before any read.
     probe: dict[int, dict[str, Any]] = {}
     for name, item in saved.items():
         if name.startswith("state."):
             _, index, field = name.split(".", 2)
-            shape = torch.empty(item.size, device="meta") if isinstance(item, TensorStorageMetadata) else None
-            probe.setdefault(int(index), {})[field] = shape
-    optimizer._check_compatible({"param_groups": meta["param_groups"], "state": probe, "shampoo": {}})
-
-    template = _template(optimizer, saved, probe)
+            probe.setdefault(int(index), {})[field] = torch.empty(item.size, device="meta")
+    optimizer.check_state_dict(
+        {"param_groups": meta["param_groups"], "state": probe, "shampoo": meta["shampoo"]}, load_values=False
+    )
+    template = _template(optimizer, saved, probe, layout)
     dcp.load({key: template}, checkpoint_id=checkpoint_id, storage_reader=storage_reader)
     optimizer.load_state_dict(_assemble(template, meta))
 
 
 def _params(optimizer: Shampoo) -> list[Tensor]:
-    return [param for _, _, param in optimizer._indexed_params()]
+    return [param for group in optimizer.param_groups for param in group["params"]]
 
 
 def _pending_prefix(entry: dict[str, Any]) -> str:
@@ -110,40 +131,39 @@ def _pending_prefix(entry: dict[str, Any]) -> str:
     return f"pending.{entry['step']}.{entry['install_step']}.{snapshot['param_index']}.{snapshot['name']}"
 
 
-def _template(optimizer: Shampoo, saved: dict[str, Any], probe: dict[int, dict[str, Any]]) -> dict[str, Any]:
+def _template(
+    optimizer: Shampoo, saved: dict[str, Any], probe: dict[int, dict[str, Any]], layout: Any
+) -> dict[str, Any]:
     """Tensors (DTensors where the optimizer's are) of the saved shapes for what this rank keeps."""
-    indexed = list(optimizer._indexed_params())
+    params = _params(optimizer)
     template: dict[str, Any] = {}
+    fresh: dict[int, dict[str, Any]] = {}
     for index, fields in probe.items():
-        if not optimizer._owns(index):
+        if not layout.owns(index):
             continue
-        group, _, param = indexed[index]
-        if not optimizer.state[param]:
-            optimizer._init_state(group, param)
-        live = optimizer.state[param]
-        for field, saved_value in fields.items():
-            value = live.get(field)
-            if isinstance(value, Tensor):
-                template[f"state.{index}.{field}"] = torch.empty_like(value)
-            elif saved_value is None:  # a plain value (step count, flag), read from the checkpoint
-                template[f"state.{index}.{field}"] = value
-    for name in saved:
-        if not (name.startswith("pending.") and name.endswith(".matrices")):
+        fresh[index] = optimizer.fresh_state(index)
+        for field in fields:
+            value = fresh[index].get(field)
+            like = value if isinstance(value, Tensor) else torch.tensor(value if value is not None else 0)
+            template[f"state.{index}.{field}"] = torch.empty_like(like)
+    for name, item in saved.items():
+        if not name.startswith("pending."):
             continue
-        entry = name[: -len(".matrices")]
+        entry, field = name.rsplit(".", 1)
         index, factor = entry.split(".")[3:5]
-        if not optimizer._owns(int(index)):
+        if not layout.owns(int(index)):
             continue
-        _, _, param = indexed[int(index)]
-        stack = optimizer.state[param][f"factor_{factor}"]
-        template[name] = torch.empty_like(stack)
-        template[f"{entry}.settings"] = None
-        if f"{entry}.root" in saved:
-            template[f"{entry}.root"] = torch.empty_like(stack)
-            for field in ("residual", "accepted"):
-                dtype = saved[f"{entry}.{field}"].properties.dtype
-                rows = torch.empty(local(stack).shape[0], dtype=dtype, device=local(stack).device)
-                template[f"{entry}.{field}"] = distributed.block_state(param, rows)
+        if field in ("request", "kind"):
+            template[name] = torch.empty(item.size, dtype=torch.uint8)
+            continue
+        stack = fresh.get(int(index)) or optimizer.fresh_state(int(index))
+        like = stack[f"factor_{factor}"]
+        if field in ("residual", "accepted"):
+            local = layout.import_(like)
+            rows = torch.empty(local.shape[0], dtype=item.properties.dtype, device=local.device)
+            template[name] = layout.export(params[int(index)], rows, per_block=True)
+        else:
+            template[name] = torch.empty_like(like)
     return template
 
 
@@ -154,24 +174,24 @@ def _assemble(template: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     for name, value in template.items():
         if name.startswith("state."):
             _, index, field = name.split(".", 2)
-            state.setdefault(int(index), {})[field] = value
+            state.setdefault(int(index), {})[field] = value if value.dim() else value.item()
         elif name.startswith("pending.") and name.endswith(".matrices"):
             entry = name[: -len(".matrices")]
             _, step, install_step, index, factor = entry.split(".")
-            exponent, epsilon, relative_epsilon = template[f"{entry}.settings"]
             result = None
-            if f"{entry}.root" in template:
-                result = {field: local(template[f"{entry}.{field}"]) for field in _RESULT_FIELDS}
+            if f"{entry}.kind" in template:
+                kind = decode(template[f"{entry}.kind"])
+                result = {"kind": kind, **{f: template[f"{entry}.{f}"] for f in _RESULT_FIELDS[kind]}}
             snapshot = {
                 "param_index": int(index),
                 "name": factor,
-                "matrices": local(value),
-                "exponent": exponent,
-                "epsilon": epsilon,
-                "relative_epsilon": relative_epsilon,
+                "matrices": value,
+                "request": decode(template[f"{entry}.request"]),
             }
+            if f"{entry}.previous" in template:
+                snapshot["previous"] = template[f"{entry}.previous"]
             entries.append(
                 {"step": int(step), "install_step": int(install_step), "snapshot": snapshot, "result": result}
             )
-    extra = {**meta["shampoo"], "engine": distributed.pending_state(entries)}
+    extra = {**meta["shampoo"], "engine": statedict.pending_state(entries)}
     return {"state": state, "param_groups": meta["param_groups"], "shampoo": extra}

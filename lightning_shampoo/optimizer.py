@@ -1,7 +1,14 @@
-"""The :class:`Shampoo` optimizer: orchestration of blocking, statistics, refresh and grafting."""
+"""The :class:`Shampoo` optimizer: one step through statistics, refresh, moments and update.
+
+``step()`` reads top-down: the layout (:mod:`.layout`) says which parameters this rank computes and gives
+their plain local tensors; the phases run on those — the Kronecker statistics (:mod:`.kronecker`), the
+refresh (:mod:`.refresh`: snapshot, compute, install), the preconditioner's moments and update
+(:mod:`.preconditioners`) — and the layout's collective ends the step.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -12,40 +19,34 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import distributed, grafting
+from . import statedict
 from .blocking import BlockPlan, plan_blocks
-from .distributed import DISTRIBUTE_MODES, ParameterSync, Sharding, local
-from .kronecker import precondition, update_statistics
-from .refresh import (
-    MODES,
-    EveryNSteps,
-    FactorSnapshot,
-    FunctionPolicy,
-    RefreshEngine,
-    RefreshPolicy,
-    RootSettings,
-)
-from .roots import RootResult
+from .cost import parameter_cost
+from .kronecker import update_statistics
+from .layout import Layout, ShardLocal, choose_layout, is_dtensor
+from .options import RefreshOptions, StepOptions, require, validate_group
+from .preconditioners import PRECONDITIONERS, group_tensors
+from .refresh import RefreshEngine, RefreshPolicy, RefreshSettings
 
-_INVERSE_ROOTS = ("eigh", "newton")
-
-
-# Options that decide the state's layout: a checkpoint only loads into an optimizer that agrees on them.
-_STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d")
+# A gradient whose statistics could overflow fp32 is skipped like a non-finite one: numel·max|g|² above
+# this bounds every entry of G₍ᵢ₎G₍ᵢ₎ᵀ (Cauchy–Schwarz), with headroom for a running sum (β2 = 1).
+OVERFLOW_LIMIT = torch.finfo(torch.float32).max * 1e-6
 
 
 class _Entry(NamedTuple):
-    """A parameter with a gradient this step; ``index`` is its position over all groups."""
+    """A parameter with a gradient this step; ``index`` is its position over all groups. ``weight`` and
+    ``grad`` are the plain local tensors this rank computes on."""
 
     index: int
     group: dict[str, Any]
     position: int
     param: Tensor
+    weight: Tensor
     grad: Tensor
 
 
 class Shampoo(Optimizer):
-    r"""Shampoo with grafting, blocking and delayed inverse roots (Anil et al., 2020).
+    r"""Shampoo with grafting, blocking and delayed preconditioner refreshes (Anil et al., 2020).
 
     Per block with gradient ``G`` and Kronecker factors ``S_i`` (one per preconditioned dim):
 
@@ -54,53 +55,56 @@ class Shampoo(Optimizer):
         D = \hat M ×_1 P_1 ⋯ ×_k P_k,\quad U = D ‖A‖/‖D‖,\quad W ← W(1 − η λ) − η U
 
     with ``M̂`` the bias-corrected first moment, ``A`` the graft's (diagonal method's) update and
-    ``p = exponent_override or 2k``. Roots are refreshed every ``precondition_frequency`` steps from
-    ``start_preconditioning_step`` on, in fp64; a root that fails its checks keeps the previous one.
-    Until a parameter's first refresh its update is ``A`` alone.
+    ``p = 2k / exponent_multiplier`` (or ``exponent_override``). With
+    ``preconditioner="eigenvalue_corrected"`` the refresh computes the factors' eigenbases instead and the
+    step runs Adam in them (see :mod:`lightning_shampoo.preconditioners`). Refreshes run every
+    ``precondition_frequency`` steps from ``start_preconditioning_step`` on; a result that fails its checks
+    keeps the previous one.
 
     Args:
         params: parameters or parameter groups (named parameters are used in messages).
         lr: learning rate η.
         betas: ``(β1, β2)``: momentum and the factors' EMA (``β2 = 1``: plain running sum).
-        epsilon: ridge ε added before the root; relative to ``λmax(S_i)`` when ``relative_epsilon``.
+        epsilon: ridge ε added before the root (relative to ``λmax(S_i)`` when ``relative_epsilon``); with
+            ``pseudo_inverse`` the threshold below which eigenvalues are dropped instead.
         weight_decay: decoupled weight decay λ.
         block_size: largest factor dimension; larger dims are split into blocks.
-        precondition_frequency: steps between root refreshes.
-        start_preconditioning_step: first step whose roots are computed (steps count from 1).
+        precondition_frequency: steps between refreshes.
+        start_preconditioning_step: first step that refreshes (steps count from 1).
         graft: diagonal method giving the step size: adam, adagrad, rmsprop, sgd or none.
-        graft_beta2: β of the graft's second moment (adam, rmsprop).
-        graft_epsilon: ε of the graft's denominator.
-        exponent_override: root order p for every block instead of 2k.
+        graft_beta2: β of the diagonal method's second moment (the graft, or Adam in the eigenbasis).
+        graft_epsilon: ε of the diagonal method's denominator.
+        exponent_override: root order p for every block instead of ``2k / exponent_multiplier``.
         relative_epsilon: scale ``epsilon`` by the factor's largest eigenvalue.
         inverse_root: ``"eigh"`` or ``"newton"`` (coupled Newton iteration).
+        preconditioner: ``"root_inverse"`` (Shampoo) or ``"eigenvalue_corrected"`` (Adam in the factors'
+            eigenbasis: EShampoo / SOAP).
+        exponent_multiplier: the root exponent is ``−exponent_multiplier/(2k)`` (2: −1/2 per factor of a
+            matrix, 4/3: −1/3).
+        pseudo_inverse: invert eigenvalues at or below ε as 0 instead of adding a ridge (eigh only).
         statistics_frequency: update the factors every this many steps (cheaper steps).
         max_preconditioned_dim: dims larger than this keep an identity factor (e.g. vocabularies).
-        precondition_1d: give order-1 parameters (biases, norms) a factor; else graft only.
+        precondition_1d: give order-1 parameters (biases, norms) a factor; else the diagonal method only.
         max_root_residual: reject a root whose residual check exceeds this.
-        refresh: where roots are computed and when they are installed (see :mod:`.refresh`):
-            ``"sync"``: inside ``step()``; ``"async"``: on a background CPU thread, used from exactly
-            ``refresh_lag`` steps after their snapshot (the step waits if they are late), bitwise the
-            trajectory of ``"sync"`` with the same lag; ``"best_effort"``: on the background thread, used
-            from the first step boundary at which they are ready and at most ``refresh_lag`` steps after
-            their snapshot (the step waits then); it never waits otherwise and is not reproducible.
-            Background modes compute on the host CPU (from CUDA: pinned, non-blocking copies) in a worker
-            thread niced below training (Linux), started at the first refresh.
-        refresh_lag: steps from a snapshot to the install of its roots (the bound on it for
-            ``"best_effort"``); default 0 for ``"sync"``, ``precondition_frequency`` otherwise. With another
-            schedule (``OnRequest``, a function) pick it yourself: at most the steps between refreshes.
-        refresh_policy: decides which steps refresh: a :class:`RefreshPolicy` (e.g. ``OnRequest()``) or a
-            function ``step -> bool``; default every ``precondition_frequency`` steps.
-        refresh_threads: intra-op CPU threads of the root computation, in every mode (so sync and async
-            agree bitwise); default: torch's thread count. Keep it below the core count for background
-            refreshes next to CPU training, so the two do not share cores.
-        check_finite: skip parameters with non-finite gradients (one host sync per step).
-        distribute: with a process group of several ranks and replicated parameters (DDP),
-            ``"sharded"`` gives every parameter one owner rank (cost-balanced) that alone keeps its state and
-            computes its update, then all-gathers the parameters in one collective per step (see
-            :mod:`.distributed`); ``"replicated"``: every rank does all the work. DTensor parameters (FSDP2)
-            are always preconditioned shard-locally. Checkpoints: :meth:`consolidate_state_dict`.
-        process_group: the data-parallel group to shard over; default: the default group, if initialized
-            when the first step runs (or see :meth:`set_process_group`).
+        refresh: where refreshes are computed and when they are installed (see :mod:`.refresh`): ``"sync"``
+            inside ``step()``; ``"async"`` on a background CPU thread, installed exactly ``refresh_lag``
+            steps after their snapshot (bitwise the trajectory of ``"sync"`` with the same lag);
+            ``"best_effort"`` on the thread, installed as soon as ready and at most ``refresh_lag`` steps
+            after their snapshot (not reproducible).
+        refresh_lag: steps from a snapshot to its install; default 0 for ``"sync"``, else
+            ``precondition_frequency``.
+        refresh_policy: decides which steps refresh: a :class:`RefreshPolicy` or a function
+            ``step -> bool``; default every ``precondition_frequency`` steps.
+        refresh_threads: intra-op CPU threads of the refresh computation, in every mode (so sync and
+            async agree bitwise); default: torch's thread count.
+        check_finite: skip parameters whose gradient is non-finite or would overflow the statistics (one
+            host sync per step).
+        distribute: with several data-parallel ranks and replicated parameters (DDP), ``"sharded"`` gives
+            every parameter one owner rank that alone keeps its state and computes its update (one
+            all-gather per step); ``"replicated"``: every rank does all the work. DTensor parameters
+            (FSDP2) are preconditioned shard-locally. See :mod:`.layout`.
+        process_group: the data-parallel group; default: the default group, if initialized when the first
+            step runs (or see :meth:`set_process_group`).
     """
 
     def __init__(
@@ -120,6 +124,9 @@ class Shampoo(Optimizer):
         relative_epsilon: bool = True,
         inverse_root: str = "eigh",
         *,
+        preconditioner: str = "root_inverse",
+        exponent_multiplier: float = 1.0,
+        pseudo_inverse: bool = False,
         statistics_frequency: int = 1,
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
@@ -133,98 +140,72 @@ class Shampoo(Optimizer):
         process_group: Any = None,
     ) -> None:
         defaults = dict(
-            lr=lr,
-            betas=betas,
-            epsilon=epsilon,
-            weight_decay=weight_decay,
-            block_size=block_size,
-            graft=graft,
-            graft_beta2=graft_beta2,
-            graft_epsilon=graft_epsilon,
-            exponent_override=exponent_override,
-            relative_epsilon=relative_epsilon,
-            max_preconditioned_dim=max_preconditioned_dim,
+            lr=lr, betas=betas, epsilon=epsilon, weight_decay=weight_decay, block_size=block_size,
+            graft=graft, graft_beta2=graft_beta2, graft_epsilon=graft_epsilon,
+            exponent_override=exponent_override, exponent_multiplier=exponent_multiplier,
+            pseudo_inverse=pseudo_inverse,
+            relative_epsilon=relative_epsilon, max_preconditioned_dim=max_preconditioned_dim,
             precondition_1d=precondition_1d,
+        )  # fmt: skip
+        validate_group(defaults)
+        self.options = StepOptions(
+            preconditioner, inverse_root, max_root_residual, statistics_frequency, check_finite, distribute
         )
-        _validate_group(defaults)
-        _require(
-            precondition_frequency >= 1, f"precondition_frequency must be >= 1, got {precondition_frequency}"
+        self.refresh_options = RefreshOptions.from_arguments(
+            refresh,
+            refresh_lag,
+            refresh_policy,
+            refresh_threads,
+            precondition_frequency,
+            start_preconditioning_step,
         )
-        _require(
-            start_preconditioning_step >= 1,
-            f"start_preconditioning_step must be >= 1 (steps count from 1), got {start_preconditioning_step}",
-        )
-        _require(statistics_frequency >= 1, f"statistics_frequency must be >= 1, got {statistics_frequency}")
-        _require(
-            inverse_root in _INVERSE_ROOTS,
-            f"inverse_root must be one of {_INVERSE_ROOTS}, got {inverse_root!r}",
-        )
-        _require(max_root_residual > 0, f"max_root_residual must be > 0, got {max_root_residual}")
-        _require(refresh in MODES, f"refresh must be one of {MODES}, got {refresh!r}")
-        _require(
-            distribute in DISTRIBUTE_MODES,
-            f"distribute must be one of {DISTRIBUTE_MODES}, got {distribute!r}",
-        )
-        if refresh_lag is None:
-            refresh_lag = 0 if refresh == "sync" else precondition_frequency
-        _require(refresh_lag >= 0, f"refresh_lag must be >= 0, got {refresh_lag}")
-        _require(
-            refresh_threads is None or refresh_threads >= 1,
-            f"refresh_threads must be None or >= 1, got {refresh_threads}",
-        )
-        if refresh_policy is not None and not isinstance(refresh_policy, RefreshPolicy):
-            _require(
-                callable(refresh_policy),
-                f"refresh_policy must be a RefreshPolicy or a function step -> bool, got {refresh_policy!r}",
-            )
-            refresh_policy = FunctionPolicy(refresh_policy)
         super().__init__(params, defaults)
-        for group in self.param_groups:
-            _validate_group(group)
-        self.statistics_frequency = statistics_frequency
-        self.check_finite = check_finite
-        self.policy = refresh_policy or EveryNSteps(start_preconditioning_step, precondition_frequency)
+        self._preconditioner = PRECONDITIONERS[preconditioner]()
         self._engine = RefreshEngine(
-            RootSettings(inverse_root, max_root_residual),
-            mode=refresh,
-            lag=refresh_lag,
-            threads=refresh_threads,
+            RefreshSettings(inverse_root, max_root_residual),
+            refresh,
+            self.refresh_options.lag,
+            refresh_threads,
         )
+        self._policy = self.refresh_options.policy
         self._step = 0
         self._refresh_requested = False
         self._plans: dict[Tensor, BlockPlan] = {}
-        self._warned_nonfinite: set[int] = set()
-        self._counters = {"nonfinite_skips": 0, "refreshes": 0, "roots_accepted": 0, "roots_rejected": 0}
+        self._warned: set[tuple[str, int]] = set()
+        self._counters = dict.fromkeys(
+            ("nonfinite_skips", "refreshes", "roots_accepted", "roots_rejected", "rejected_refreshes"), 0
+        )
         self._max_residual = 0.0
-        self._distribute = distribute
         self._process_group = process_group
-        self._precondition_frequency = precondition_frequency
-        self._sharding_resolved = False
-        self._sharding: Sharding | None = None
-        self._sync: ParameterSync | None = None
+        self._layout: Layout | None = None
         self._consolidated: dict[str, Any] | None = None
+        self._consolidated_step: int | None = None
 
     # ------------------------------------------------------------------ public API
 
-    def request_refresh(self) -> None:
-        """Refresh every preconditioner at the next step, whatever the policy says."""
-        self._refresh_requested = True
-
-    def set_process_group(self, group: Any) -> None:
-        """Shard over ``group`` (e.g. the data-parallel group, from a Lightning strategy's ``setup``).
-
-        Collective: call on every rank of ``group``, before the first step (state loaded from a complete
-        checkpoint is kept for the parameters this rank owns).
-        """
-        if self._sharding is not None and self._step:
-            raise RuntimeError(
-                "Shampoo.set_process_group() after sharded steps would lose the other ranks' state; call it "
-                "before the first step."
+    @property
+    def layout(self) -> Layout:
+        """Where the work and state live across ranks (decided at first use: a collective when sharded)."""
+        if self._layout is None:
+            params = self._params()
+            names = [self._name(group, position, param) for group, position, param in self._indexed()]
+            self._layout = choose_layout(
+                self.options.distribute, self._process_group, params, names, self._costs(params)
             )
-        self._process_group = group
-        self._sharding_resolved = False
-        self._sharding = self._sync = None
-        self._resolve_sharding()
+            for index, param in enumerate(params):
+                if not self._layout.owns(index):
+                    self.state.pop(param, None)
+        return self._layout
+
+    @property
+    def policy(self) -> RefreshPolicy:
+        """The refresh schedule (see :meth:`set_refresh_policy`)."""
+        return self._policy
+
+    def set_refresh_policy(self, policy: RefreshPolicy) -> None:
+        """Replace the refresh schedule (e.g. by :class:`~lightning_shampoo.callbacks.ShampooCallback`)."""
+        require(isinstance(policy, RefreshPolicy), f"expected a RefreshPolicy, got {policy!r}")
+        self._policy = policy
 
     @property
     def refresh_mode(self) -> str:
@@ -233,29 +214,52 @@ class Shampoo(Optimizer):
 
     @property
     def refresh_lag(self) -> int:
-        """Steps from a snapshot to the install of its roots (the bound on it for ``"best_effort"``)."""
+        """Steps from a snapshot to the install of its results (the bound on it for ``"best_effort"``)."""
         return self._engine.lag
 
-    def consolidate_state_dict(self, to: int = 0) -> None:
-        """Gather the complete state on rank ``to``, whose next :meth:`state_dict` (this step) returns it.
+    def request_refresh(self) -> None:
+        """Refresh every preconditioner at the next step, whatever the policy says."""
+        self._refresh_requested = True
 
-        Collective over the sharding group (call it on every rank), like ``ZeroRedundancyOptimizer``'s;
-        Lightning calls it before saving. A no-op when the state is not sharded by parameter. For large
-        models prefer the per-rank path of :mod:`lightning_shampoo.checkpoint`.
+    def set_process_group(self, group: Any) -> None:
+        """Use ``group`` as the data-parallel group (e.g. from a Lightning strategy's ``setup``).
+
+        Collective: call on every rank of ``group``, before the first step (state loaded from a complete
+        checkpoint is kept for the parameters this rank owns).
         """
-        sharding = self._resolve_sharding()
-        self._consolidated = None
-        if sharding is not None:
-            self._consolidated = distributed.gather_state_dicts(self._local_state_dict(), to, sharding)
+        if self._step and self._layout is not None and self._layout.shard_info() is not None:
+            raise RuntimeError(
+                "Shampoo.set_process_group() after sharded steps would lose the other ranks' state; call it "
+                "before the first step."
+            )
+        self._process_group = group
+        self._layout = None
+        _ = self.layout
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group (e.g. unfrozen layers); where the state is sharded, its parameters get owners too
+        (collective then: call on every rank, as DDP training does)."""
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        validate_group(group)
+        require(
+            not (group["pseudo_inverse"] and self.options.inverse_root == "newton"),
+            "pseudo_inverse needs inverse_root='eigh' (the coupled Newton iteration has no pseudo-inverse)",
+        )
+        if getattr(self, "_layout", None) is not None:
+            params = self._params()
+            names = [self._name(group, position, param) for group, position, param in self._indexed()]
+            self._layout = self._layout.extend(params, names, self._costs(params))
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for logging.
 
-        ``nonfinite_skips``, ``refreshes`` (submitted), ``roots_accepted``, ``roots_rejected``,
-        ``max_root_residual``, ``step``, and from the refresh engine: ``installs``, ``in_flight``
-        (submitted, not yet installed), ``refresh_latency_s`` / ``refresh_latency_mean_s`` (snapshot →
-        roots ready, last / mean over installs), ``staleness`` / ``staleness_mean`` (steps from snapshot to
-        use), ``wait_s`` (total seconds ``step()`` was blocked on root computation).
+        ``nonfinite_skips`` (parameters skipped for a non-finite or overflowing gradient), ``refreshes``
+        (submitted), ``roots_accepted``, ``roots_rejected`` (matrices, roots or bases),
+        ``rejected_refreshes`` (refreshes whose every result was rejected), ``max_root_residual``, ``step``,
+        and from the refresh engine: ``installs``, ``in_flight``, ``refresh_latency_s`` /
+        ``refresh_latency_mean_s`` (snapshot → ready), ``staleness`` / ``staleness_mean`` (steps from
+        snapshot to use), ``wait_s`` (seconds ``step()`` was blocked on refresh work).
         """
         out = {name: float(value) for name, value in self._counters.items()}
         out["max_root_residual"] = self._max_residual
@@ -265,17 +269,17 @@ class Shampoo(Optimizer):
 
     def drain(self) -> None:
         """Block until every in-flight refresh is computed (e.g. before a checkpoint, which then holds the
-        results); re-raises a failure of the background worker."""
+        results); re-raises a failed computation."""
         self._engine.drain()
 
-    def close(self) -> None:
-        """Stop the background refresh worker, if any (idempotent).
+    def close(self, wait: bool = True) -> None:
+        """Stop the background refresh worker, if any (idempotent; ``wait``: for the refresh it computes).
 
-        Pending refreshes are kept: stepping again restarts the worker, which computes the unfinished ones,
-        and the trajectory is unchanged. Called on leaving ``with Shampoo(...) as opt:``; the worker also
-        stops when the optimizer is garbage-collected and at interpreter exit.
+        Pending refreshes are kept: stepping again restarts the worker and the trajectory is unchanged.
+        Called on leaving ``with Shampoo(...) as opt:``; garbage collection and interpreter exit stop the
+        worker without waiting.
         """
-        self._engine.close()
+        self._engine.close(wait)
 
     def __enter__(self) -> Shampoo:
         return self
@@ -286,396 +290,337 @@ class Shampoo(Optimizer):
     # ------------------------------------------------------------------ step
 
     @torch.no_grad()
+    @torch.compiler.disable  # Python-side counters and the refresh schedule: always eager, also in compile
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
-        # A background failure surfaces here, before this step changes anything.
+        # A failed refresh surfaces here, before this step changes anything.
         self._engine.raise_if_failed()
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._resolve_sharding()
+        layout = self.layout
         entries = self._entries_with_grad()
         if not entries:
             return loss
+        # Where sharded, this rank's parameters only; the others arrive with the layout's collective.
+        entries = [entry for entry in entries if layout.owns(entry.index)]
         self._step += 1
-        self._consolidated = None
         step = self._step
-        # Sharded: this rank's parameters only; the others arrive with the collective at the end.
-        entries = [entry for entry in entries if self._owns(entry.index)]
-        finite = self._finite_flags(entries)
-        refresh = self._refresh_requested or self.policy.due(step)
-        self._refresh_requested = False
-        # A non-finite gradient skips its parameter's update; its factors are still refreshed.
-        updating = _by_group([entry for entry, ok in zip(entries, finite, strict=True) if ok])
-        for group, members in updating:
-            self._accumulate(group, members, step)
-        snapshots: list[FactorSnapshot] = []
-        if refresh:
-            for entry in entries:
-                snapshots.extend(self._snapshot(entry.index, entry.group, entry.param))
-        if snapshots:
-            self._counters["refreshes"] += 1
-            self._engine.submit(step, snapshots)
-        installs = self._engine.due(step)
-        if installs:
-            params = [param for _, _, param in self._indexed_params()]
-            for snapshot, result in installs:
-                self._install(params[snapshot.param_index], snapshot, result)
-        for group, members in updating:
-            self._apply_updates(group, members)
-        if self._sync is not None:
-            self._sync()
+        updating = [entry for entry, ok in zip(entries, self._usable(entries), strict=True) if ok]
+        for entry in updating:
+            self.state[entry.param]["step"] += 1
+        grads = {entry.index: entry.grad.float() for entry in updating}
+        if step % self.options.statistics_frequency == 0:
+            for entry in updating:
+                plan, state = self._plan(entry.group, entry.param), self.state[entry.param]
+                for g, stack in enumerate(plan.split(grads[entry.index]) if plan.preconditioned else []):
+                    update_statistics(group_tensors(state, "factor", g, plan), stack, entry.group["betas"][1])
+        if self._refresh_requested or self._policy.due(step):
+            self._refresh_requested = False
+            self._submit(step, entries)
+        self._install(self._engine.due(step))
+        for group, members in _by_group(updating):
+            states = [self.state[entry.param] for entry in members]
+            plans = [self._plan(group, entry.param) for entry in members]
+            self._preconditioner.accumulate(group, states, [grads[e.index] for e in members], plans)
+            updates = self._preconditioner.updates(group, states, plans)
+            weights = [entry.weight for entry in members]
+            if group["weight_decay"]:
+                torch._foreach_mul_(weights, 1.0 - group["lr"] * group["weight_decay"])
+            updates = [update.to(weight.dtype) for update, weight in zip(updates, weights, strict=True)]
+            torch._foreach_add_(weights, updates, alpha=-group["lr"])
+        layout.after_step()
         return loss
 
     def _entries_with_grad(self) -> list[_Entry]:
         entries = []
-        for index, (group, position, param) in enumerate(self._indexed_params()):
+        layout = self.layout
+        for index, (group, position, param) in enumerate(self._indexed()):
             if param.grad is None:
                 continue
-            grad = param.grad
-            if grad.is_sparse:
+            if param.grad.is_sparse:
                 raise ValueError(
-                    f"Shampoo does not support sparse gradients ({_name(group, position, param)}); "
+                    f"Shampoo does not support sparse gradients ({self._name(group, position, param)}); "
                     "use dense embeddings (sparse=False) or another optimizer for this parameter."
                 )
-            if torch.is_complex(param) or torch.is_complex(grad):
+            if torch.is_complex(param) or torch.is_complex(param.grad):
                 raise TypeError(
-                    f"Shampoo does not support complex parameters ({_name(group, position, param)}); "
+                    f"Shampoo does not support complex parameters ({self._name(group, position, param)}); "
                     "view them as real with torch.view_as_real."
                 )
-            if self._owns(index) and not self.state[param]:
-                self._init_state(group, param)
-            entries.append(_Entry(index, group, position, param, grad))
+            weight = layout.local(param)
+            if layout.owns(index) and not self.state[param]:
+                self._preconditioner.init_state(self.state[param], weight, self._plan(group, param), group)
+            entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad)))
         return entries
 
-    def _indexed_params(self) -> Iterable[tuple[dict[str, Any], int, Tensor]]:
+    def _usable(self, entries: list[_Entry]) -> list[bool]:
+        """Per entry: its gradient is finite and cannot overflow the statistics (else it is skipped)."""
+        if not self.options.check_finite:
+            return [True] * len(entries)
+        # One fused pass over the gradients and one host sync for all of them, like AMP's found-inf check.
+        checked = [entry for entry in entries if entry.grad.numel()]
+        largest: dict[int, float] = {}
+        if checked:
+            max_abs = torch._foreach_norm([entry.grad for entry in checked], float("inf"))
+            device = max_abs[0].device
+            values = torch.stack([m.to(device, torch.float64) for m in max_abs]).tolist()
+            largest = {entry.index: value for entry, value in zip(checked, values, strict=True)}
+        bad = {
+            entry.index: value
+            for entry in checked
+            if not math.isfinite(value := largest[entry.index])
+            or value * value * entry.grad.numel() > OVERFLOW_LIMIT
+        }
+        ok = self.layout.agree([entry.index not in bad for entry in entries])
+        for entry, usable in zip(entries, ok, strict=True):
+            if not usable:
+                self._counters["nonfinite_skips"] += 1
+                value = bad.get(entry.index, math.nan)
+                problem = (
+                    "non-finite gradient"
+                    if not math.isfinite(value)
+                    else (f"gradient too large (max |g| = {value:.3g}: its statistics would overflow fp32)")
+                )
+                self._warn_once(
+                    ("skip", entry.index),
+                    f"Shampoo: {problem} in {self._name(entry.group, entry.position, entry.param)}; its "
+                    "update is "
+                    "skipped and its statistics and moments are left untouched (further occurrences are only "
+                    "counted in metrics()['nonfinite_skips']). Check the loss scale or clip gradients.",
+                )
+        return ok
+
+    def _submit(self, step: int, entries: list[_Entry]) -> None:
+        snapshots = []
+        for entry in entries:
+            plan = self._plan(entry.group, entry.param)
+            state = self.state[entry.param]
+            snapshots += self._preconditioner.snapshot(
+                entry.index, state, plan, entry.group, self._engine.capture
+            )
+        if snapshots:
+            self._counters["refreshes"] += 1
+            self._engine.submit(step, snapshots)
+
+    def _install(self, installs: list[Any]) -> None:
+        """Install accepted results; a rejected one keeps the previous matrix. A parameter switches to its
+        preconditioner only once one of its results is accepted."""
+        if not installs:
+            return
+        indexed = list(self._indexed())
+        accepted = rejected = 0
+        for snapshot, result in installs:
+            if not self.layout.owns(snapshot.param_index):  # loaded before the ownership was known
+                continue
+            group, _, param = indexed[snapshot.param_index]
+            state = self.state[param]
+            count = self._preconditioner.install(state, self._plan(group, param), snapshot.name, result)
+            state["preconditioned"] = bool(state["preconditioned"] or count)
+            accepted += count
+            rejected += result.accepted.numel() - count
+            finite = result.residual[result.residual.isfinite()]
+            if finite.numel():
+                self._max_residual = max(self._max_residual, float(finite.max()))
+        self._counters["roots_accepted"] += accepted
+        self._counters["roots_rejected"] += rejected
+        if rejected and not accepted:
+            self._counters["rejected_refreshes"] += 1
+            self._warn_once(
+                ("rejected", 0),
+                f"Shampoo: every result of a refresh was rejected ({rejected} matrices failed their checks); "
+                "the previous preconditioners stay, and parameters never preconditioned keep their diagonal "
+                "update. Check metrics()['max_root_residual'] and the factors for non-finite values.",
+            )
+
+    # ------------------------------------------------------------------ helpers
+
+    def _indexed(self) -> Iterable[tuple[dict[str, Any], int, Tensor]]:
         for group in self.param_groups:
             for position, param in enumerate(group["params"]):
                 yield group, position, param
 
-    def _resolve_sharding(self) -> Sharding | None:
-        """Decide, once, which parameters this rank owns (collective the first time); drop others' state."""
-        if not self._sharding_resolved:
-            indexed = list(self._indexed_params())
-            params = [param for _, _, param in indexed]
-            self._sharding = distributed.shard_parameters(
-                self._distribute,
-                self._process_group,
-                params,
-                [_name(group, position, param) for group, position, param in indexed],
-                [
-                    distributed.parameter_cost(self._plan(group, param), self._precondition_frequency)
-                    for group, _, param in indexed
-                ],
-            )
-            self._sharding_resolved = True
-            if self._sharding is not None:
-                self._sync = ParameterSync(params, self._sharding)
-                for index, param in enumerate(params):
-                    if not self._owns(index):
-                        self.state.pop(param, None)
-        return self._sharding
+    def _params(self) -> list[Tensor]:
+        return [param for _, _, param in self._indexed()]
 
-    def _owns(self, index: int) -> bool:
-        """Whether this rank keeps the state of parameter ``index`` (all of them until sharding is known)."""
-        return self._sharding is None or self._sharding.owns(index)
-
-    def _finite_flags(self, entries: list[_Entry]) -> list[bool]:
-        if not self.check_finite:
-            return [True] * len(entries)
-        # One fused pass over the gradients (max |g| is non-finite iff some entry is) and one host sync for
-        # all parameters, like the AMP grad scaler's found-inf check.
-        checked = [entry for entry in entries if local(entry.grad).numel()]
-        flags = {}
-        if checked:
-            max_abs = torch._foreach_norm([local(entry.grad) for entry in checked], float("inf"))
-            device = max_abs[0].device
-            finite = torch.stack([m.to(device) for m in max_abs]).isfinite().tolist()
-            flags = {entry.index: ok for entry, ok in zip(checked, finite, strict=True)}
-        if any(distributed.is_dtensor(entry.param) for entry in entries):
-            # The shards of a parameter must skip or apply a step together: their step counts must agree.
-            agreed = distributed.agree([flags.get(e.index, True) for e in entries], self._process_group)
-            flags = {entry.index: ok for entry, ok in zip(entries, agreed, strict=True)}
-        for entry in entries:
-            if not flags.get(entry.index, True):
-                self._counters["nonfinite_skips"] += 1
-                if entry.index not in self._warned_nonfinite:
-                    self._warned_nonfinite.add(entry.index)
-                    warnings.warn(
-                        f"Shampoo: non-finite gradient in {_name(entry.group, entry.position, entry.param)}; "
-                        "its update is skipped "
-                        "and its statistics are left untouched (further occurrences are only counted in "
-                        "metrics()['nonfinite_skips']). Check the loss scale or clip gradients.",
-                        RuntimeWarning,
-                        stacklevel=_caller_stacklevel(),
-                    )
-        return [flags.get(entry.index, True) for entry in entries]
-
-    # ------------------------------------------------------------------ phases
-
-    def _init_state(self, group: dict[str, Any], param: Tensor) -> None:
-        plan = self._plan(group, param)
-        state = self.state[param]
-        state["step"] = 0
-        state["exp_avg"] = torch.zeros_like(param, dtype=torch.float32, memory_format=torch.contiguous_format)
-        if grafting.has_second_moment(group["graft"]):
-            state["graft_sq"] = torch.zeros_like(state["exp_avg"])
-        for name, shape in _factor_shapes(plan):
-            n, d, _ = shape
-            factor = torch.zeros(shape, dtype=torch.float32, device=param.device)
-            state[f"factor_{name}"] = distributed.block_state(param, factor)
-            eye = torch.eye(d, dtype=torch.float32, device=param.device)
-            state[f"root_{name}"] = distributed.block_state(param, eye.expand(n, d, d).clone())
-        state["preconditioned"] = False
+    def _costs(self, params: list[Tensor]) -> list[float]:
+        """Each parameter's work per step (whole, whatever the layout): what ownership balances."""
+        frequency, kind = self.refresh_options.frequency, self.options.preconditioner
+        groups = [group for group, _, _ in self._indexed()]
+        return [
+            parameter_cost(_planner(group)(tuple(param.shape)), frequency, kind)
+            for group, param in zip(groups, params, strict=True)
+        ]
 
     def _plan(self, group: dict[str, Any], param: Tensor) -> BlockPlan:
         plan = self._plans.get(param)
         if plan is None:
-            plan = distributed.plan_local_blocks(
-                param,
-                lambda shape: plan_blocks(
-                    shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"]
-                ),
-            )
-            self._plans[param] = plan
+            plan = self._plans[param] = self._known_layout().plan(param, _planner(group))
         return plan
 
-    def _accumulate(self, group: dict[str, Any], entries: list[_Entry], step: int) -> None:
-        """Phases 1 and 2 for a group's parameters: moments and the graft's second moment (batched over
-        the parameters), and the factors' statistics (batched over each parameter's blocks)."""
-        states = [self.state[entry.param] for entry in entries]
-        for state in states:
-            state["step"] += 1
-        grads32 = [local(entry.grad).float() for entry in entries]
-        beta1, beta2 = group["betas"]
-        torch._foreach_lerp_([local(state["exp_avg"]) for state in states], grads32, 1.0 - beta1)
-        second_moments = _graft_second_moments(group, states)
-        if second_moments is not None:
-            grafting.update_second_moments(group["graft"], second_moments, grads32, group["graft_beta2"])
-        if step % self.statistics_frequency:
-            return
-        for entry, state, grad32 in zip(entries, states, grads32, strict=True):
-            plan = self._plan(group, entry.param)
-            for g, stack in enumerate(plan.split(grad32) if plan.preconditioned else []):
-                update_statistics(_group_tensors(state, "factor", g, plan), stack, beta2)
+    def _known_layout(self) -> Layout:
+        """The layout if decided, else what is known without a collective: every rank keeps everything (a
+        complete checkpoint loads whole; the first step then drops the state of others' parameters)."""
+        if self._layout is not None:
+            return self._layout
+        return ShardLocal(self._process_group) if any(is_dtensor(p) for p in self._params()) else Layout()
 
-    def _snapshot(self, index: int, group: dict[str, Any], param: Tensor) -> list[FactorSnapshot]:
-        plan = self._plan(group, param)
-        state = self.state[param]
-        snapshots = []
-        for g, block_group in enumerate(plan.groups):
-            exponent = group["exponent_override"] or 2 * block_group.order
-            for i, keep in enumerate(block_group.preconditioned):
-                if keep:
-                    snapshots.append(
-                        FactorSnapshot(
-                            param_index=index,
-                            name=f"{g}_{i}",
-                            matrices=self._engine.capture(local(state[f"factor_{g}_{i}"])),
-                            exponent=exponent,
-                            epsilon=group["epsilon"],
-                            relative_epsilon=group["relative_epsilon"],
-                        )
-                    )
-        return snapshots
+    def _name(self, group: dict[str, Any], position: int, param: Tensor) -> str:
+        names = group.get("param_names")
+        if names:
+            return f"parameter {names[position]!r} (shape {tuple(param.shape)})"
+        return f"parameter {position} of its group (shape {tuple(param.shape)})"
 
-    def _install(self, param: Tensor, snapshot: FactorSnapshot, result: RootResult) -> None:
-        """Install accepted roots; a rejected root keeps the previous one."""
-        if not self._owns(snapshot.param_index):  # loaded from a checkpoint before the sharding was known
-            return
-        state = self.state[param]
-        root = local(state[f"root_{snapshot.name}"])
-        # Background results are in (pinned) host memory: non-blocking copies, counts without a device sync.
-        new_root = result.root.to(root.device, root.dtype, non_blocking=True)
-        n_accepted = int(result.accepted.sum())
-        if n_accepted == result.accepted.numel():
-            # The usual case, on the install step's critical path: one copy, no temporary.
-            root.copy_(new_root)
-        elif n_accepted:
-            accepted = result.accepted.to(root.device, non_blocking=True)
-            root.copy_(torch.where(accepted.view(-1, 1, 1), new_root, root))
-        state["preconditioned"] = True
-        self._counters["roots_accepted"] += n_accepted
-        self._counters["roots_rejected"] += result.accepted.numel() - n_accepted
-        finite = result.residual[result.residual.isfinite()]
-        if finite.numel():
-            self._max_residual = max(self._max_residual, float(finite.max()))
-
-    def _apply_updates(self, group: dict[str, Any], entries: list[_Entry]) -> None:
-        """Phase 4 for a group's parameters: direction, grafting, decoupled weight decay, parameter step."""
-        states = [self.state[entry.param] for entry in entries]
-        steps = [state["step"] for state in states]
-        beta1 = group["betas"][0]
-        momenta_hat = torch._foreach_div(
-            [local(state["exp_avg"]) for state in states], [1.0 - beta1**step for step in steps]
-        )
-        diagonals = grafting.diagonal_updates(
-            group["graft"],
-            momenta_hat,
-            _graft_second_moments(group, states),
-            steps,
-            group["graft_beta2"],
-            group["graft_epsilon"],
-        )
-        updates = self._updates(group, entries, states, momenta_hat, diagonals)
-        weights = [local(entry.param) for entry in entries]
-        if group["weight_decay"]:
-            torch._foreach_mul_(weights, 1.0 - group["lr"] * group["weight_decay"])
-        updates = [update.to(weight.dtype) for update, weight in zip(updates, weights, strict=True)]
-        torch._foreach_add_(weights, updates, alpha=-group["lr"])
-
-    def _updates(
-        self,
-        group: dict[str, Any],
-        entries: list[_Entry],
-        states: list[dict[str, Any]],
-        momenta_hat: list[Tensor],
-        diagonals: list[Tensor],
-    ) -> list[Tensor]:
-        """Every parameter's update: Shampoo's direction grafted onto its diagonal update, or the diagonal
-        update alone until the parameter's first roots are installed."""
-        plans = [self._plan(group, entry.param) for entry in entries]
-        # Per preconditioned parameter, its blocks' directions, one stack per block group.
-        directions = {
-            i: [
-                precondition(stack, _group_tensors(state, "root", g, plans[i]))
-                for g, stack in enumerate(plans[i].split(momenta_hat[i]))
-            ]
-            for i, state in enumerate(states)
-            if plans[i].preconditioned and state["preconditioned"]
-        }
-        if directions and group["graft"] != "none":
-            # All stacks of the group grafted together, then handed back in order.
-            flat = [stack for stacks in directions.values() for stack in stacks]
-            flat_diagonals = [stack for i in directions for stack in plans[i].split(diagonals[i])]
-            grafted = iter(grafting.graft_norms(flat, flat_diagonals))
-            directions = {i: [next(grafted) for _ in stacks] for i, stacks in directions.items()}
-        return [
-            plans[i].merge(directions[i]) if i in directions else diagonal
-            for i, diagonal in enumerate(diagonals)
-        ]
+    def _warn_once(self, key: tuple[str, int], message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, RuntimeWarning, stacklevel=_caller_stacklevel())
 
     # ------------------------------------------------------------------ checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        """The state keyed by parameter (and block), never by rank; sharded, this rank's parameters only
-        (marked, so that loading it alone fails), or all of them after :meth:`consolidate_state_dict`."""
-        if self._consolidated is not None:
-            return self._consolidated
-        return self._local_state_dict()
+        """The complete state, keyed by parameter (and block), never by rank.
 
-    def _local_state_dict(self) -> dict[str, Any]:
+        Where the state is sharded over ranks, call :meth:`consolidate_state_dict` on every rank first
+        (Lightning, :func:`~lightning_shampoo.accelerate.prepare_shampoo` and :mod:`.checkpoint` do); a
+        sharded state dict that was not consolidated this step raises rather than save a part silently.
+        """
+        if self._known_layout().shard_info() is None:
+            return self.shard_state_dict()
+        if self._consolidated_step == self._step and self._consolidated is not None:
+            return self._consolidated
+        raise RuntimeError(
+            "Shampoo's state is sharded over the data-parallel ranks, so this rank holds only its share: "
+            "call "
+            "optimizer.consolidate_state_dict() on every rank before state_dict() (Lightning does it; with "
+            "Accelerate call lightning_shampoo.accelerate.prepare_shampoo(accelerator, optimizer) once "
+            "after prepare), or save per rank with lightning_shampoo.checkpoint.sharded_state_dict."
+        )
+
+    def shard_state_dict(self) -> dict[str, Any]:
+        """This rank's share of the state (all of it unless sharded; marked when it is a share)."""
         state = super().state_dict()
+        params, layout = self._params(), self._known_layout()
+        # New dicts: torch's state_dict() hands out the live per-parameter dicts themselves.
+        state["state"] = {
+            index: {key: self._export(layout, params[index], key, item) for key, item in values.items()}
+            for index, values in state["state"].items()
+        }
         state["shampoo"] = {
+            "preconditioner": self.options.preconditioner,
             "step": self._step,
             "refresh_requested": self._refresh_requested,
             "counters": dict(self._counters),
             "max_root_residual": self._max_residual,
             "engine": self._engine.state_dict(),
         }
-        if self._sharding is not None:
-            state["shampoo"]["shard"] = {"rank": self._sharding.rank, "owners": list(self._sharding.owners)}
+        shard = layout.shard_info()
+        if shard is not None:
+            state["shampoo"]["shard"] = shard
         return state
 
+    @staticmethod
+    def _export(layout: Layout, param: Tensor, key: str, value: Any) -> Any:
+        if not isinstance(value, Tensor):
+            return value
+        return layout.export(param, value, per_block=statedict.is_block_key(key))
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        """Gather the complete state on rank ``to``, whose :meth:`state_dict` (this step) returns it.
+
+        Collective over the data-parallel group (call it on every rank), like ``ZeroRedundancyOptimizer``'s;
+        Lightning calls it before saving. Elsewhere :meth:`state_dict` then returns this rank's share.
+        """
+        self._consolidated = self.layout.gather(self.shard_state_dict(), to)
+        if self._consolidated is None:
+            self._consolidated = self.shard_state_dict()
+        self._consolidated_step = self._step
+
+    def param_specs(self) -> list[statedict.ParamSpec]:
+        """What a checkpoint must hold for every parameter (saved shapes), in optimizer order."""
+        specs, layout = [], self._known_layout()
+        for index, (group, position, param) in enumerate(self._indexed()):
+            plan, like = self._plan(group, param), layout.local(param)
+            shapes = {
+                key: layout.saved_shape(param, shape) if statedict.is_block_key(key) else tuple(param.shape)
+                for key, shape in self._preconditioner.state_shapes(like, plan, group).items()
+            }
+            specs.append(statedict.ParamSpec(self._name(group, position, param), layout.owns(index), shapes))
+        return specs
+
+    def check_state_dict(self, state_dict: dict[str, Any], load_values: bool = True) -> None:
+        """Raise ``ValueError`` if ``state_dict`` cannot be loaded (``load_values``: also check values)."""
+        statedict.validate(
+            state_dict, self.param_groups, self.param_specs(), self.options.preconditioner, load_values
+        )
+
+    def fresh_state(self, index: int) -> dict[str, Any]:
+        """The state a new parameter ``index`` starts with, as saved (e.g. a template to load into)."""
+        group, _, param = list(self._indexed())[index]
+        layout, state = self._known_layout(), {}
+        self._preconditioner.init_state(state, layout.local(param), self._plan(group, param), group)
+        return {key: self._export(layout, param, key, value) for key, value in state.items()}
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = self._check_compatible(state_dict)
-        state_dict = self._owned_part(state_dict)
-        self._consolidated = None
-        super().load_state_dict(state_dict)
+        pairs = statedict.validate(
+            state_dict, self.param_groups, self.param_specs(), self.options.preconditioner
+        )
+        layout = self._known_layout()
+        part = statedict.owned_part(state_dict, [layout.owns(i) for i in range(len(self._params()))])
+        self._consolidated = self._consolidated_step = None
+        super().load_state_dict(part)
         # torch casts floating state to each parameter's dtype; Shampoo's state is fp32 by contract.
-        for param, saved_state in saved:
-            state = self.state[param]
-            for key, value in saved_state.items():
+        params = self._params()
+        for index, saved in pairs:
+            state = self.state[params[index]]
+            for key, value in saved.items():
                 if isinstance(value, Tensor) and value.is_floating_point():
-                    state[key] = value.to(device=param.device, dtype=torch.float32, copy=True)
-        extra = state_dict.get("shampoo", {})
+                    value = layout.import_(value)
+                    state[key] = value.to(device=params[index].device, dtype=torch.float32, copy=True)
+                elif key == "step":
+                    state[key] = int(value)
+        extra = part.get("shampoo", {})
         self._step = int(extra.get("step", 0))
         self._refresh_requested = bool(extra.get("refresh_requested", False))
-        self._counters.update(extra.get("counters", {}))
+        self._counters.update({key: int(value) for key, value in extra.get("counters", {}).items()})
         self._max_residual = float(extra.get("max_root_residual", 0.0))
-        self._engine.load_state_dict(extra.get("engine", {}))
+        self._engine.load_state_dict(statedict.map_tensors(extra.get("engine", {}), layout.import_))
 
-    def _owned_part(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """Sharded: the part of a (checked) checkpoint this rank keeps: its parameters and their refreshes."""
-        if self._sharding is None:
-            return state_dict
-        keys = [key for group in state_dict["param_groups"] for key in group["params"]]
-        owned = {key for index, key in enumerate(keys) if self._owns(index)}
-        extra = dict(state_dict.get("shampoo", {}))
-        if "engine" in extra:
-            entries = distributed.pending_entries(extra["engine"])
-            extra["engine"] = distributed.pending_state(
-                [e for e in entries if self._owns(e["snapshot"]["param_index"])]
-            )
-        return {
-            **state_dict,
-            "state": {key: value for key, value in state_dict["state"].items() if key in owned},
-            "shampoo": extra,
-        }
+    # ------------------------------------------------------------------ copies
 
-    def _check_compatible(self, state_dict: dict[str, Any]) -> list[tuple[Tensor, dict[str, Any]]]:
-        """Pair saved state with the parameters this rank keeps, refusing any mismatch before anything is
-        loaded."""
-        saved_groups = state_dict["param_groups"]
-        shard = state_dict.get("shampoo", {}).get("shard")
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(
-                f"Shampoo checkpoint has {len(saved_groups)} parameter groups, the optimizer has "
-                f"{len(self.param_groups)}: build the optimizer with the same groups as the saved run."
-            )
-        pairs = []
-        index = -1
-        for saved_group, group in zip(saved_groups, self.param_groups, strict=True):
-            if len(saved_group["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"Shampoo checkpoint group has {len(saved_group['params'])} parameters, the optimizer's "
-                    f"has {len(group['params'])}: build the optimizer over the same parameters."
-                )
-            for position, (key, param) in enumerate(zip(saved_group["params"], group["params"], strict=True)):
-                index += 1
-                if not self._owns(index):
-                    continue
-                saved_state = state_dict["state"].get(key)
-                if saved_state:
-                    self._check_param_state(group, saved_group, position, param, saved_state)
-                    pairs.append((param, saved_state))
-                elif shard is not None and shard["owners"][index] != shard["rank"]:
-                    raise ValueError(
-                        f"Shampoo checkpoint lacks the state of {_name(group, position, param)}: it holds "
-                        f"only rank {shard['rank']}'s share of a sharded optimizer, and the parameter was "
-                        f"rank {shard['owners'][index]}'s. Save after consolidate_state_dict() on every rank "
-                        "(Lightning calls it), or use the per-rank files of lightning_shampoo.checkpoint."
-                    )
-        return pairs
+    def __getstate__(self) -> dict[str, Any]:
+        # The engine holds a thread and events: a copy carries its pending refreshes instead.
+        state = {key: value for key, value in self.__dict__.items() if key not in ("_engine", "_layout")}
+        state["_engine_state"] = self._engine.state_dict()
+        return state
 
-    def _check_param_state(
-        self,
-        group: dict[str, Any],
-        saved_group: dict[str, Any],
-        position: int,
-        param: Tensor,
-        saved_state: dict[str, Any],
-    ) -> None:
-        name = _name(group, position, param)
-        for option in _STRUCTURAL_OPTIONS:
-            saved_value = saved_group.get(option, group[option])
-            if saved_value != group[option]:
-                raise ValueError(
-                    f"Shampoo checkpoint of {name} was saved with {option}={saved_value!r}, the optimizer "
-                    f"has {option}={group[option]!r}: construct the optimizer with {option}={saved_value!r}."
-                )
-        expected = {"exp_avg": tuple(param.shape)}
-        for factor, shape in _factor_shapes(self._plan(group, param)):
-            stored = distributed.block_state_shape(param, shape)
-            expected[f"factor_{factor}"] = expected[f"root_{factor}"] = stored
-        for key, shape in expected.items():
-            value = saved_state.get(key)
-            found = tuple(value.shape) if isinstance(value, Tensor) else "missing"
-            if found != shape:
-                raise ValueError(
-                    f"Shampoo checkpoint does not match {name}: state {key!r} has shape {found}, expected "
-                    f"{shape}. Was it saved for another model?"
-                )
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        engine_state = state.pop("_engine_state", {"pending": []})
+        super().__setstate__(state)
+        options, refresh = self.options, self.refresh_options
+        self._engine = RefreshEngine(
+            RefreshSettings(options.inverse_root, options.max_root_residual),
+            refresh.mode,
+            refresh.lag,
+            refresh.threads,
+        )
+        self._engine.load_state_dict(engine_state)
+        self._layout = None
+
+
+def unwrap(optimizer: Any) -> Any:
+    """The optimizer inside trainer wrappers (Lightning's ``LightningOptimizer`` and Accelerate's
+    ``AcceleratedOptimizer`` both keep it in ``.optimizer``)."""
+    while isinstance(getattr(optimizer, "optimizer", None), Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _planner(group: dict[str, Any]) -> Callable[[tuple[int, ...]], BlockPlan]:
+    """Shapes → blocks under the group's blocking options."""
+    return lambda shape: plan_blocks(
+        shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"]
+    )
 
 
 def _caller_stacklevel() -> int:
@@ -690,66 +635,9 @@ def _caller_stacklevel() -> int:
     return level
 
 
-def _graft_second_moments(group: dict[str, Any], states: list[dict[str, Any]]) -> list[Tensor] | None:
-    """The graft's second moments of a group's parameters; ``None`` for a graft without one."""
-    if not grafting.has_second_moment(group["graft"]):
-        return None
-    return [local(state["graft_sq"]) for state in states]
-
-
 def _by_group(entries: list[_Entry]) -> list[tuple[dict[str, Any], list[_Entry]]]:
     """The entries of each param group, in order: the unit the batched (foreach) phases work on."""
     groups: dict[int, tuple[dict[str, Any], list[_Entry]]] = {}
     for entry in entries:
         groups.setdefault(id(entry.group), (entry.group, []))[1].append(entry)
     return list(groups.values())
-
-
-def _factor_shapes(plan: BlockPlan) -> list[tuple[str, tuple[int, int, int]]]:
-    """``(name, (n_blocks, d, d))`` for every factor of the plan, name ``"{group}_{dim}"``."""
-    return [
-        (f"{g}_{i}", (block_group.n_blocks, size, size))
-        for g, block_group in enumerate(plan.groups)
-        for i, (size, keep) in enumerate(
-            zip(block_group.block_shape, block_group.preconditioned, strict=True)
-        )
-        if keep
-    ]
-
-
-def _group_tensors(state: dict[str, Any], kind: str, g: int, plan: BlockPlan) -> list[Tensor | None]:
-    return [
-        local(state[f"{kind}_{g}_{i}"]) if keep else None
-        for i, keep in enumerate(plan.groups[g].preconditioned)
-    ]
-
-
-def _name(group: dict[str, Any], position: int, param: Tensor) -> str:
-    names = group.get("param_names")
-    if names:
-        return f"parameter {names[position]!r} (shape {tuple(param.shape)})"
-    return f"parameter {position} of its group (shape {tuple(param.shape)})"
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _validate_group(group: dict[str, Any]) -> None:
-    beta1, beta2 = group["betas"]
-    _require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
-    _require(0 <= beta1 < 1, f"betas[0] must be in [0, 1), got {beta1}")
-    _require(0 < beta2 <= 1, f"betas[1] must be in (0, 1] (1 = running sum), got {beta2}")
-    _require(group["epsilon"] >= 0, f"epsilon must be >= 0, got {group['epsilon']}")
-    _require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
-    _require(group["block_size"] >= 1, f"block_size must be >= 1, got {group['block_size']}")
-    _require(
-        group["graft"] in grafting.GRAFTS, f"graft must be one of {grafting.GRAFTS}, got {group['graft']!r}"
-    )
-    _require(0 < group["graft_beta2"] <= 1, f"graft_beta2 must be in (0, 1], got {group['graft_beta2']}")
-    _require(group["graft_epsilon"] >= 0, f"graft_epsilon must be >= 0, got {group['graft_epsilon']}")
-    override = group["exponent_override"]
-    _require(override is None or override >= 1, f"exponent_override must be None or >= 1, got {override}")
-    limit = group["max_preconditioned_dim"]
-    _require(limit is None or limit >= 1, f"max_preconditioned_dim must be None or >= 1, got {limit}")

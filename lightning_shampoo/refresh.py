@@ -1,9 +1,10 @@
-"""Preconditioner refresh: snapshot → compute roots → install, inline or on a background worker.
+"""Preconditioner refresh: snapshot → compute → install, inline or on a background worker.
 
 At a refresh step (decided by a :class:`RefreshPolicy`) the optimizer hands the engine a
-:class:`FactorSnapshot` of every factor; the engine computes ``(S + εI)^(−1/p)`` for them with
-:func:`compute_roots` (batched by size, fp64) and hands the results back for install at a later step
-boundary. The modes differ only in *where* the roots are computed and *when* they are installed:
+:class:`FactorSnapshot` of every factor, with a request saying what to compute from it: an inverse root
+``(S + εI)^(−1/p)`` (:class:`RootRequest`) or an eigenbasis (:class:`BasisRequest`). The engine computes
+them with :func:`compute_refresh` (batched by size and request) and hands the results back for install
+at a later step boundary. The modes differ only in *where* the work runs and *when* results are installed:
 
 - ``"sync"``: inside ``step()``; installed at ``t + lag`` (``lag = 0``: the classic behaviour).
 - ``"async"``: on a background thread; installed at exactly ``t + lag``, the step waiting for them if
@@ -12,10 +13,14 @@ boundary. The modes differ only in *where* the roots are computed and *when* the
 - ``"best_effort"``: on the background thread; installed at the first step boundary after ``t`` at which
   they are ready, and at the latest at ``t + lag`` (``lag`` is the staleness bound; the step waits then).
   The install step depends on timing, so the trajectory is not reproducible.
+
+A computation that raises is never installed, in any mode: the next ``step()`` re-raises it before it
+changes anything, so every step happens whole or not at all.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import sys
@@ -39,52 +44,146 @@ WORKER_NICENESS = 10
 
 
 @dataclass(frozen=True)
+class RootRequest:
+    """Compute ``(S + εI)^(−1/p)``; ``ε`` relative to ``λmax(S)`` when ``relative_epsilon``; with
+    ``pseudo_inverse`` eigenvalues at or below ``ε`` are dropped (inverted as 0) instead of lifted."""
+
+    exponent: float
+    epsilon: float
+    relative_epsilon: bool
+    pseudo_inverse: bool = False
+
+
+@dataclass(frozen=True)
+class BasisRequest:
+    """Compute the eigenbasis of ``S`` (warm-started from the snapshot's ``previous`` basis, if any)."""
+
+
+Request = RootRequest | BasisRequest
+_REQUESTS: dict[str, type] = {"root": RootRequest, "basis": BasisRequest}
+
+
+@dataclass(frozen=True)
+class BasisResult:
+    """Eigenbases of a batch of factors and their checks (see :func:`compute_refresh`)."""
+
+    basis: Tensor
+    residual: Tensor
+    accepted: Tensor
+
+
+Result = RootResult | BasisResult
+_RESULTS: dict[str, type] = {"root": RootResult, "basis": BasisResult}
+
+
+@dataclass(frozen=True)
 class FactorSnapshot:
-    """A copy of one factor stack ``(n, d, d)`` to be rooted, and where its root goes."""
+    """A copy of one factor stack ``(n, d, d)`` to refresh, what to compute from it, and where it goes.
+
+    ``previous``: a copy of the installed eigenbases of the stack, to warm-start from (basis requests).
+    """
 
     param_index: int
     name: str
     matrices: Tensor
-    exponent: int
-    epsilon: float
-    relative_epsilon: bool
+    request: Request
+    previous: Tensor | None = None
 
 
 @dataclass(frozen=True)
-class RootSettings:
-    """Optimizer-wide settings of the inverse-root computation."""
+class RefreshSettings:
+    """Optimizer-wide settings of the refresh computation."""
 
-    method: str = "eigh"
-    max_residual: float = 0.1
+    inverse_root: str = "eigh"
+    max_root_residual: float = 0.1
 
 
-def compute_roots(snapshots: list[FactorSnapshot], settings: RootSettings) -> list[RootResult]:
-    """Roots of every snapshot; snapshots of one size and exponent are stacked into one batched call."""
-    buckets: dict[tuple[int, int, float, bool], list[int]] = {}
+def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) -> list[Result]:
+    """The result of every snapshot; snapshots of one size and request are stacked into one batched call."""
+    buckets: dict[tuple[int, Request, bool], list[int]] = {}
     for index, snap in enumerate(snapshots):
-        key = (snap.matrices.shape[-1], snap.exponent, snap.epsilon, snap.relative_epsilon)
+        key = (snap.matrices.shape[-1], snap.request, snap.previous is not None)
         buckets.setdefault(key, []).append(index)
-    results: list[RootResult | None] = [None] * len(snapshots)
-    for (_, exponent, epsilon, relative), members in buckets.items():
+    results: list[Result | None] = [None] * len(snapshots)
+    for (_, request, warm), members in buckets.items():
         stacked = torch.cat([snapshots[i].matrices for i in members])
-        batch = inverse_pth_root(
-            stacked,
-            exponent,
-            epsilon=epsilon,
-            relative_epsilon=relative,
-            method=settings.method,
-            max_residual=settings.max_residual,
-        )
+        if isinstance(request, RootRequest):
+            batch: Result = inverse_pth_root(
+                stacked,
+                request.exponent,
+                epsilon=request.epsilon,
+                relative_epsilon=request.relative_epsilon,
+                method=settings.inverse_root,
+                max_residual=settings.max_root_residual,
+            )
+        else:
+            previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
+            batch = _eigenbasis(stacked, previous)
         sizes = [snapshots[i].matrices.shape[0] for i in members]
-        for i, root, residual, accepted in zip(
-            members,
-            batch.root.split(sizes),
-            batch.residual.split(sizes),
-            batch.accepted.split(sizes),
-            strict=True,
-        ):
-            results[i] = RootResult(root=root, residual=residual, accepted=accepted)
+        parts = [value.split(sizes) for value in _fields(batch).values()]
+        for i, *values in zip(members, *parts, strict=True):
+            results[i] = type(batch)(*values)
     return results  # type: ignore[return-value]
+
+
+def _eigenbasis(factors: Tensor, previous: Tensor | None) -> BasisResult:
+    d = factors.shape[-1]
+    sym = factors.double()
+    sym = 0.5 * (sym + sym.mT)
+    finite = sym.isfinite().all(dim=(-2, -1))
+    identity = torch.eye(d, dtype=torch.float64)
+    _, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], sym, identity))
+    basis = vectors.to(factors.dtype)
+    residual = (basis.double().mT @ basis.double() - identity).abs().amax(dim=(-2, -1))
+    accepted = finite & basis.isfinite().all(dim=(-2, -1))
+    return BasisResult(basis, torch.where(accepted, residual, torch.inf), accepted)
+
+
+def _fields(result: Result) -> dict[str, Tensor]:
+    return {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+
+
+def result_kind(result: Result) -> str:
+    return "root" if isinstance(result, RootResult) else "basis"
+
+
+def result_to_dict(result: Result) -> dict[str, Any]:
+    """A result as tensors and plain values (a ``weights_only`` checkpoint loads it)."""
+    return {"kind": result_kind(result), **_fields(result)}
+
+
+def result_from_dict(item: dict[str, Any]) -> Result:
+    fields = {key: value for key, value in item.items() if key != "kind"}
+    return _RESULTS[item.get("kind", "root")](**fields)
+
+
+def snapshot_to_dict(snapshot: FactorSnapshot) -> dict[str, Any]:
+    """A snapshot as tensors and plain values (a ``weights_only`` checkpoint loads it)."""
+    request = snapshot.request
+    item: dict[str, Any] = {
+        "param_index": snapshot.param_index,
+        "name": snapshot.name,
+        "matrices": snapshot.matrices,
+        "request": {
+            "kind": "root" if isinstance(request, RootRequest) else "basis",
+            **dataclasses.asdict(request),
+        },
+    }
+    if snapshot.previous is not None:
+        item["previous"] = snapshot.previous
+    return item
+
+
+def snapshot_from_dict(item: dict[str, Any]) -> FactorSnapshot:
+    request = dict(item["request"])
+    kind = request.pop("kind")
+    return FactorSnapshot(
+        param_index=int(item["param_index"]),
+        name=str(item["name"]),
+        matrices=item["matrices"],
+        request=_REQUESTS[kind](**request),
+        previous=item.get("previous"),
+    )
 
 
 # ---------------------------------------------------------------------------------------- policies
@@ -152,13 +251,11 @@ def intra_op_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _compute(
-    snapshots: list[FactorSnapshot], settings: RootSettings, threads: int | None
-) -> list[RootResult]:
+def _compute(snapshots: list[FactorSnapshot], settings: RefreshSettings, threads: int | None) -> list[Result]:
     if threads is None:
-        return compute_roots(snapshots, settings)
+        return compute_refresh(snapshots, settings)
     with intra_op_threads(threads):
-        return compute_roots(snapshots, settings)
+        return compute_refresh(snapshots, settings)
 
 
 # ---------------------------------------------------------------------------------------- engine
@@ -171,7 +268,7 @@ class _Ticket:
     step: int
     install_step: int
     snapshots: list[FactorSnapshot]
-    results: list[RootResult] | None = None
+    results: list[Result] | None = None
     error: BaseException | None = None
     submitted: float = field(default_factory=time.perf_counter)
     finished: float = 0.0
@@ -179,19 +276,25 @@ class _Ticket:
     copies: list[Any] = field(default_factory=list)
     done: threading.Event = field(default_factory=threading.Event)
 
-    def compute(self, settings: RootSettings, threads: int | None) -> None:
-        for event in self.copies:
-            event.synchronize()
-        results = _compute(self.snapshots, settings, threads)
-        if self.copies:
-            # Pinned host memory, so the install's host-to-device copies can be non-blocking.
-            results = [RootResult(r.root.pin_memory(), r.residual, r.accepted.pin_memory()) for r in results]
-        self.results = results
-        self.finished = time.perf_counter()
+    def compute(self, settings: RefreshSettings, threads: int | None) -> None:
+        """Compute the results; a failure is kept in ``error`` (the training thread re-raises it)."""
+        try:
+            for event in self.copies:
+                event.synchronize()
+            results = _compute(self.snapshots, settings, threads)
+            if self.copies:
+                # Pinned host memory, so the install's host-to-device copies can be non-blocking.
+                results = [type(r)(*(v.pin_memory() for v in _fields(r).values())) for r in results]
+            self.results = results
+        except Exception as error:
+            self.error = error
+        finally:
+            self.finished = time.perf_counter()
+            self.done.set()
 
 
 def _serve(
-    inbox: queue.SimpleQueue, stop: threading.Event, settings: RootSettings, threads: int | None
+    inbox: queue.SimpleQueue, stop: threading.Event, settings: RefreshSettings, threads: int | None
 ) -> None:
     """The worker loop; holds no reference to the engine, so a dropped optimizer can be collected."""
     _lower_priority()
@@ -199,12 +302,7 @@ def _serve(
         ticket = inbox.get()
         if ticket is None or stop.is_set():
             return
-        try:
-            ticket.compute(settings, threads)
-        except BaseException as error:  # handed to the training thread, which re-raises it
-            ticket.error = error
-        finally:
-            ticket.done.set()
+        ticket.compute(settings, threads)
 
 
 def _lower_priority() -> None:
@@ -224,43 +322,48 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS)
 
 
-def _shutdown(inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread) -> None:
-    # Queued tickets are skipped, the one being computed finishes: the join waits for one refresh at most.
+def _shutdown(inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread, wait: bool) -> None:
+    # Queued tickets are skipped and the one being computed finishes, then the thread ends.
     stop.set()
     inbox.put(None)
-    if thread is not threading.current_thread():
+    if wait and thread is not threading.current_thread():
         thread.join()
 
 
 class _Worker:
     """A background thread computing tickets in submission order.
 
-    It is a daemon thread (interpreter exit must not wait on its blocking ``get``) stopped by a
-    ``weakref.finalize``: on :meth:`close`, when the engine is garbage-collected, or at interpreter exit
-    (finalizers run from ``atexit``, while the thread still runs).
+    It is a daemon thread, so interpreter exit never waits for it (Ctrl-C ends the process at once, even
+    with a long refresh in flight), stopped by a ``weakref.finalize`` when the engine is garbage-collected
+    or at interpreter exit (without waiting), or by :meth:`close`.
     """
 
-    def __init__(self, settings: RootSettings, threads: int | None) -> None:
+    def __init__(self, settings: RefreshSettings, threads: int | None) -> None:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        stop = threading.Event()
-        thread = threading.Thread(
-            target=_serve, args=(self._inbox, stop, settings, threads), name="shampoo-refresh", daemon=True
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=_serve,
+            args=(self._inbox, self._stop, settings, threads),
+            name="shampoo-refresh",
+            daemon=True,
         )
-        thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._inbox, stop, thread)
+        self._thread.start()
+        self._finalizer = weakref.finalize(self, _shutdown, self._inbox, self._stop, self._thread, False)
 
     def put(self, ticket: _Ticket) -> None:
         self._inbox.put(ticket)
 
-    def close(self) -> None:
-        self._finalizer()
+    def close(self, wait: bool) -> None:
+        """Stop the thread; ``wait``: until the refresh it is computing is done."""
+        if self._finalizer.detach() is not None:
+            _shutdown(self._inbox, self._stop, self._thread, wait)
 
 
 class RefreshEngine:
-    """Computes the roots of submitted snapshots and says which results to install at each step.
+    """Computes the results of submitted snapshots and says which to install at each step.
 
     Args:
-        settings: how roots are computed.
+        settings: how roots and bases are computed.
         mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (see the module docstring).
         lag: steps between a snapshot and the install of its roots (the bound on it for best-effort).
         threads: intra-op threads for the root computation in every mode; ``None``: the computing
@@ -272,14 +375,14 @@ class RefreshEngine:
 
     def __init__(
         self,
-        settings: RootSettings | None = None,
+        settings: RefreshSettings | None = None,
         mode: str = "sync",
         lag: int = 0,
         threads: int | None = None,
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"refresh mode must be one of {MODES}, got {mode!r}")
-        self.settings = settings or RootSettings()
+        self.settings = settings or RefreshSettings()
         self.mode = mode
         self.lag = lag
         self.threads = threads
@@ -309,7 +412,7 @@ class RefreshEngine:
         return host
 
     def submit(self, step: int, snapshots: list[FactorSnapshot]) -> None:
-        """Start computing the roots of the snapshots taken at ``step``."""
+        """Start computing the results of the snapshots taken at ``step``."""
         ticket = _Ticket(step, step + self.lag, snapshots)
         ticket.copies = [torch.cuda.current_stream(device).record_event() for device in self._copy_devices]
         self._copy_devices.clear()
@@ -320,12 +423,12 @@ class RefreshEngine:
             self._pending.append(ticket)
             self._queue([ticket])
 
-    def due(self, step: int) -> list[tuple[FactorSnapshot, RootResult]]:
+    def due(self, step: int) -> list[tuple[FactorSnapshot, Result]]:
         """Results to install at ``step``, oldest first; waits for those that must not be later.
 
         A refresh whose computation failed is not installed; :meth:`raise_if_failed` reports it.
         """
-        ready: list[tuple[FactorSnapshot, RootResult]] = []
+        ready: list[tuple[FactorSnapshot, Result]] = []
         while self._pending:
             ticket = self._pending[0]
             must = step >= ticket.install_step
@@ -346,13 +449,14 @@ class RefreshEngine:
         return ready
 
     def raise_if_failed(self) -> None:
-        """Re-raise, once, the first failure of a background computation (its refresh is dropped)."""
+        """Re-raise, once, the first failed computation (its refresh is dropped, nothing was installed)."""
         for ticket in self._pending:
             if ticket.done.is_set() and ticket.error is not None:
                 self._pending.remove(ticket)
                 raise RuntimeError(
-                    f"Shampoo: computing the preconditioner roots snapshotted at step {ticket.step} failed "
-                    "in the refresh worker (cause above); that refresh is dropped, the old roots stay."
+                    f"Shampoo: computing the preconditioner refresh snapshotted at step {ticket.step} failed "
+                    f"({self.mode} refresh; cause above). That refresh is dropped and the previous roots or "
+                    "bases stay; stepping again continues the run without it."
                 ) from ticket.error
 
     def drain(self) -> None:
@@ -362,10 +466,11 @@ class RefreshEngine:
             ticket.done.wait()
         self.raise_if_failed()
 
-    def close(self) -> None:
-        """Stop the worker (waiting for the refresh it is computing); idempotent; pending refreshes stay."""
+    def close(self, wait: bool = True) -> None:
+        """Stop the worker (``wait``: until the refresh it is computing is done); idempotent; pending
+        refreshes stay."""
         if self._worker is not None:
-            self._worker.close()
+            self._worker.close(wait)
             self._worker = None
 
     def metrics(self) -> dict[str, float]:
@@ -396,24 +501,22 @@ class RefreshEngine:
             item: dict[str, Any] = {
                 "step": ticket.step,
                 "install_step": ticket.install_step,
-                "snapshots": [_snapshot_to_dict(s) for s in ticket.snapshots],
+                "snapshots": [snapshot_to_dict(s) for s in ticket.snapshots],
             }
             if ticket.done.is_set() and ticket.results is not None:
-                item["results"] = [
-                    {"root": r.root, "residual": r.residual, "accepted": r.accepted} for r in ticket.results
-                ]
+                item["results"] = [result_to_dict(r) for r in ticket.results]
             pending.append(item)
         return {"pending": pending}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         tickets = []
         for item in state.get("pending", []):
-            snapshots = [FactorSnapshot(**s) for s in item["snapshots"]]
+            snapshots = [snapshot_from_dict(s) for s in item["snapshots"]]
             if self.mode != "sync":
                 snapshots = [_on_host(s) for s in snapshots]
             ticket = _Ticket(item["step"], item["install_step"], snapshots)
             if "results" in item:
-                ticket.results = [RootResult(**r) for r in item["results"]]
+                ticket.results = [result_from_dict(r) for r in item["results"]]
                 ticket.finished = ticket.submitted
                 ticket.done.set()
             tickets.append(ticket)
@@ -431,7 +534,6 @@ class RefreshEngine:
         start = time.perf_counter()
         for ticket in tickets:
             ticket.compute(self.settings, self.threads)
-            ticket.done.set()
         self._wait_s += time.perf_counter() - start
 
     def _queue(self, tickets: list[_Ticket]) -> None:
@@ -452,17 +554,5 @@ class RefreshEngine:
 
 
 def _on_host(snapshot: FactorSnapshot) -> FactorSnapshot:
-    if snapshot.matrices.device.type == "cpu":
-        return snapshot
-    return FactorSnapshot(**{**_snapshot_to_dict(snapshot), "matrices": snapshot.matrices.cpu()})
-
-
-def _snapshot_to_dict(snapshot: FactorSnapshot) -> dict[str, Any]:
-    return {
-        "param_index": snapshot.param_index,
-        "name": snapshot.name,
-        "matrices": snapshot.matrices,
-        "exponent": snapshot.exponent,
-        "epsilon": snapshot.epsilon,
-        "relative_epsilon": snapshot.relative_epsilon,
-    }
+    previous = snapshot.previous.cpu() if snapshot.previous is not None else None
+    return dataclasses.replace(snapshot, matrices=snapshot.matrices.cpu(), previous=previous)

@@ -1,14 +1,17 @@
 """Lightning strategies for :class:`~lightning_shampoo.Shampoo`, registered by name on import.
 
 ``Trainer(strategy="shampoo_ddp")`` / ``"shampoo_fsdp"`` (or ``trainer.strategy: shampoo_ddp`` in a
-LightningCLI YAML) work once ``lightning_shampoo`` and ``lightning.pytorch`` are both imported, in either
-order. ``shampoo_ddp_spawn`` and ``shampoo_ddp_fork`` start the processes like ``ddp_spawn`` / ``ddp_fork``
-(for notebooks and pytest, where ``"ddp"`` re-runs the command line in every child).
+LightningCLI YAML) work once this module is imported: by ``lightning_shampoo.callbacks``, by the
+``lightning-shampoo`` CLI, by ``lightning_shampoo.register_strategies()``, or by using ``Shampoo`` after
+``lightning.pytorch`` is imported. ``shampoo_ddp_spawn`` and ``shampoo_ddp_fork`` start the processes like
+``ddp_spawn`` / ``ddp_fork`` (for notebooks and pytest, where ``"ddp"`` re-runs the command line in every
+child).
 
 **Plain** ``strategy="ddp"`` **works too.** Shampoo shards its work over the default process group at its
 first step (``distribute="sharded"``; ``"replicated"`` makes every rank do everything), and Lightning's
 ``Strategy.optimizer_state`` calls ``consolidate_state_dict()`` on every rank before a checkpoint is
-written, so rank 0 saves the complete state. What ``shampoo_ddp`` adds:
+written, so rank 0 saves the complete state (Shampoo refuses to hand out a share silently). What
+``shampoo_ddp`` adds:
 
 * it hands DDP's process group to every Shampoo optimizer (``set_process_group``) in ``setup``, before
   Lightning restores a checkpoint, so each rank loads only its own parameters' state (under plain
@@ -35,23 +38,23 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies import _StrategyRegistry
-from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
-from lightning.fabric.strategies.model_parallel import _load_checkpoint
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy, StrategyRegistry
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from ._lightning import (
+    CheckpointPath,
+    StrategyRegistryType,
+    is_sharded_checkpoint,
+    load_model_parallel_checkpoint,
+    parallel_sizes,
+    saves_distributed_checkpoint,
+    set_parallel_sizes,
+)
 from .checkpoint import load_sharded_state_dict, sharded_state_dict
-from .optimizer import Shampoo
-
-
-def _unwrap(optimizer: Optimizer) -> Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+from .optimizer import Shampoo, unwrap
 
 
 class _ShampooStrategyMixin:
@@ -61,7 +64,7 @@ class _ShampooStrategyMixin:
 
     def shampoo_optimizers(self) -> list[Shampoo]:
         """The Trainer's Shampoo optimizers."""
-        return [opt for opt in map(_unwrap, self.optimizers) if isinstance(opt, Shampoo)]
+        return [opt for opt in map(unwrap, self.optimizers) if isinstance(opt, Shampoo)]
 
     def teardown(self) -> None:
         # Idempotent, and stepping again restarts a worker: safe next to ShampooCallback's own close().
@@ -93,7 +96,7 @@ class ShampooDDPStrategy(_ShampooStrategyMixin, DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         for name, start_method in (
             ("shampoo_ddp", "popen"),
             ("shampoo_ddp_spawn", "spawn"),
@@ -147,16 +150,18 @@ class ShampooFSDPStrategy(_ShampooStrategyMixin, ModelParallelStrategy):
     def setup_environment(self) -> None:
         # ModelParallelStrategy's "auto" is one data-parallel rank per node; FSDP means all ranks.
         world_size = self.num_nodes * self.num_processes
-        if self._tensor_parallel_size == "auto":
-            self._tensor_parallel_size = self.num_processes
-        if self._data_parallel_size == "auto":
-            self._data_parallel_size = max(world_size // self._tensor_parallel_size, 1)
+        data_parallel, tensor_parallel = parallel_sizes(self)
+        if tensor_parallel == "auto":
+            tensor_parallel = self.num_processes
+        if data_parallel == "auto":
+            data_parallel = max(world_size // tensor_parallel, 1)
+        set_parallel_sizes(self, data_parallel, tensor_parallel)
         super().setup_environment()
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        if self.shampoo_optimizers() and not self._save_distributed_checkpoint:
+        if self.shampoo_optimizers() and not saves_distributed_checkpoint(self):
             raise ValueError(
                 "ShampooFSDPStrategy(save_distributed_checkpoint=False) would gather Shampoo's state into "
                 "one file, which it does not support: its factors are saved per rank with DCP. Keep "
@@ -165,22 +170,24 @@ class ShampooFSDPStrategy(_ShampooStrategyMixin, ModelParallelStrategy):
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        optimizer = _unwrap(optimizer)
+        optimizer = unwrap(optimizer)
         if isinstance(optimizer, Shampoo):
             return sharded_state_dict(optimizer)
         return super().optimizer_state(optimizer)
 
     @override
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, checkpoint_path: CheckpointPath, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         shampoo = {
             f"optimizer_{index}": optimizer
-            for index, optimizer in enumerate(map(_unwrap, self.optimizers))
+            for index, optimizer in enumerate(map(unwrap, self.optimizers))
             if isinstance(optimizer, Shampoo)
         }
         if not shampoo:
             return super().load_checkpoint(checkpoint_path, weights_only)
         path = Path(self.broadcast(checkpoint_path))
-        if not _is_sharded_checkpoint(path):
+        if not is_sharded_checkpoint(path):
             raise ValueError(
                 f"{path} is not a distributed checkpoint folder; ShampooFSDPStrategy resumes Shampoo's state "
                 "only from the folders it writes (save_distributed_checkpoint=True)."
@@ -192,7 +199,7 @@ class ShampooFSDPStrategy(_ShampooStrategyMixin, ModelParallelStrategy):
             if f"optimizer_{index}" not in shampoo
         }
         assert self.lightning_module is not None
-        metadata = _load_checkpoint(
+        metadata = load_model_parallel_checkpoint(
             path=path,
             state={"state_dict": self.model, **others},
             strict=self.lightning_module.strict_loading,
@@ -205,11 +212,11 @@ class ShampooFSDPStrategy(_ShampooStrategyMixin, ModelParallelStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: StrategyRegistryType) -> None:
         _register(strategy_registry, "shampoo_fsdp", cls, "FSDP2 keeping Shampoo's per-rank factor state")
 
 
-def _register(registry: _StrategyRegistry, name: str, cls: type, description: str, **params: Any) -> None:
+def _register(registry: StrategyRegistryType, name: str, cls: type, description: str, **params: Any) -> None:
     if name not in registry:  # importing twice (e.g. a reload) keeps the first registration
         registry.register(name, cls, description=description, **params)
 

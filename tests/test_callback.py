@@ -59,9 +59,9 @@ class RecordingShampoo(Shampoo):
         super().__init__(params, **kwargs)
         self.calls: list[str] = []
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
         self.calls.append("close")
-        super().close()
+        super().close(wait)
 
     def drain(self) -> None:
         self.calls.append("drain")
@@ -208,8 +208,8 @@ def test_messages_say_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
         _fit(_model(), [ShampooCallback()], max_steps=1)
     with caplog.at_level(logging.INFO):
         _fit(_model(refresh_policy=None), [ShampooCallback(every_n_steps=2)], max_steps=1)
-    assert "on top of optimizer 0's own refresh_policy (EveryNSteps(start=10, frequency=100))" in caplog.text
-    assert "refresh_policy=OnRequest()" in caplog.text
+    assert "owns the refresh schedule: it replaces optimizer 0's refresh_policy" in caplog.text
+    assert "(EveryNSteps(start=10, frequency=100)) with EveryNSteps(start=2, frequency=2)" in caplog.text
     with pytest.warns(UserWarning, match=r"refresh_lag=100 steps .* Pass refresh_lag <= 5 to the optimizer"):
         _fit(_model(refresh="async", precondition_frequency=100), [ShampooCallback(every_n_steps=5)],
              max_steps=1)

@@ -21,14 +21,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from lightning_shampoo import Shampoo
 from lightning_shampoo.blocking import plan_blocks
-from lightning_shampoo.distributed import (
-    ELEMENTWISE_FLOPS,
-    ROOT_FLOPS,
-    ParameterSync,
-    Sharding,
-    assign_owners,
-    parameter_cost,
-)
+from lightning_shampoo.cost import ELEMENTWISE_FLOPS, REFRESH_FLOPS, parameter_cost
+from lightning_shampoo.layout import ParameterSync, assign_owners
 
 # Whole-batch and split-batch gradients differ by rounding (~1e-8). Roots from few, rank-deficient statistics
 # (a bias gets a rank-1 update per step) amplify that 10⁴-fold at ε = 1e-6·λmax, in one process alike; so the
@@ -95,7 +89,7 @@ def _train_ddp(rank, world_size, batches, distribute):
     return {
         "trajectory": trajectory,
         "collectives": collectives,
-        "owners": opt._sharding.owners if opt._sharding else None,
+        "owners": (opt.layout.shard_info() or {}).get("owners"),
         "with_state": [i for i, p in enumerate(params) if opt.state[p]],
         "factor_elements": sum(
             v.numel() for s in opt.state.values() for k, v in s.items() if k.startswith(("factor_", "root_"))
@@ -120,7 +114,7 @@ def _sync_mixed_dtypes(rank, world_size):
         expected.append(value)
         if owner == rank:
             tensor.copy_(value)
-    ParameterSync(tensors, Sharding(None, rank, world_size, owners))()
+    ParameterSync(tensors, owners, rank, None)()
     return all(torch.equal(t, e) for t, e in zip(tensors, expected))
 
 
@@ -229,8 +223,8 @@ def test_assignment_is_deterministic_and_within_grahams_bound(world_size):
     rng = random.Random(world_size)
     for _ in range(20):
         costs = [rng.choice([1.0, 2.0, 5.0, rng.uniform(0, 10)]) for _ in range(rng.randint(1, 7))]
-        owners = assign_owners(costs, world_size)
-        assert owners == assign_owners(list(costs), world_size)
+        owners, _ = assign_owners(costs, world_size)
+        assert owners == assign_owners(list(costs), world_size)[0]
         assert all(0 <= o < world_size for o in owners)
         makespan = max(sum(c for c, o in zip(costs, owners) if o == r) for r in range(world_size))
         # Longest-processing-time greedy is within 4/3 - 1/(3m) of the optimum (Graham 1969).
@@ -239,12 +233,18 @@ def test_assignment_is_deterministic_and_within_grahams_bound(world_size):
 
 
 @pytest.mark.parametrize(("shape", "block_size"), [((12, 6), 8), ((20, 3, 3), 4), ((30,), 8), ((5, 7), 100)])
-def test_parameter_cost_adds_up_every_block(shape, block_size):
+@pytest.mark.parametrize(
+    ("preconditioner", "mode_products"), [("root_inverse", 1), ("eigenvalue_corrected", 2)]
+)
+def test_parameter_cost_adds_up_every_block(shape, block_size, preconditioner, mode_products):
+    # Per block and preconditioned dim d: statistics 2·d·numel, each mode product 2·d·numel; refresh ~d³.
     frequency = 7
     _, cells = reference_blocks(shape, block_size, None, True, None)
     expected = ELEMENTWISE_FLOPS * math.prod(shape)
     for index, dims, _ in cells:
         sizes = [s.stop - s.start for s in index]
         kept = [sizes[i] for i in dims]
-        expected += 2 * math.prod(sizes) * sum(kept) + ROOT_FLOPS * sum(d**3 for d in kept) / frequency
-    assert parameter_cost(plan_blocks(shape, block_size), frequency) == pytest.approx(expected)
+        expected += 2 * (1 + mode_products) * math.prod(sizes) * sum(kept)
+        expected += REFRESH_FLOPS * sum(d**3 for d in kept) / frequency
+    cost = parameter_cost(plan_blocks(shape, block_size), frequency, preconditioner)
+    assert cost == pytest.approx(expected)

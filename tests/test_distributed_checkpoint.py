@@ -60,7 +60,11 @@ def _scenarios(rank, world_size, data, single, single_dir, sharded_dir):
     model = mlp()
     opt = Shampoo(model.parameters(), **OPTIONS)
     _ranks_train(rank, world_size, model, opt, data[:SAVED_AT])
-    out["partial"] = copy.deepcopy(opt.state_dict())
+    out["partial"] = copy.deepcopy(opt.shard_state_dict())
+    try:  # a share is never handed out as the state dict
+        opt.state_dict()
+    except RuntimeError as error:
+        out["unconsolidated"] = str(error)
     opt.consolidate_state_dict(to=0)
     out["gathered"] = copy.deepcopy(opt.state_dict()) if rank == 0 else None
     out["model"] = copy.deepcopy(model.state_dict())
@@ -135,6 +139,12 @@ def test_gathered_state_is_the_one_process_state(runs):
     assert [s["param_index"] for s in pending[0]["snapshots"]] == [
         s["param_index"] for s in single["shampoo"]["engine"]["pending"][0]["snapshots"]
     ]
+
+
+def test_an_unconsolidated_state_dict_refuses_to_return_a_share(runs):
+    for rank in runs["ranks"]:
+        assert "consolidate_state_dict() on every rank" in rank["unconsolidated"]
+        assert "prepare_shampoo" in rank["unconsolidated"]
 
 
 def test_one_ranks_part_alone_is_refused_naming_a_missing_parameter(runs):

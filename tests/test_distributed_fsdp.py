@@ -74,9 +74,11 @@ def _train(rank, world_size, model, opt, data, grads=None):
 
 
 def _blocks(opt, model) -> list[dict[str, torch.Tensor]]:
+    """Every parameter's per-block state as saved (DTensors: DCP keeps each rank's), as local stacks."""
+    state = opt.state_dict()["state"]
     return [
-        {k: v.to_local().clone() for k, v in opt.state[p].items() if k.startswith(("factor_", "root_"))}
-        for p in model.parameters()
+        {k: v.to_local().clone() for k, v in state[i].items() if k.startswith(("factor_", "root_"))}
+        for i, _ in enumerate(model.parameters())
     ]
 
 
@@ -98,7 +100,10 @@ def _scenarios(rank, world_size, even_data, uneven_data, directory):
     model = _sharded(_even_model)
     opt = Shampoo(model.parameters(), **EVEN)
     out["even"] = _train(rank, world_size, model, opt, even_data[:SAVED_AT])
-    out["factor_types"] = {type(v).__name__ for s in opt.state.values() for k, v in s.items() if "_" in k}
+    saved = opt.state_dict()["state"].values()
+    out["factor_types"] = {
+        type(v).__name__ for s in saved for k, v in s.items() if k.startswith(("factor_", "root_"))
+    }
     out["saved_blocks"] = _blocks(opt, model)
     out["in_flight"] = opt.metrics()["in_flight"]
     saved_shards = _shards(model)

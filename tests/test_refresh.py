@@ -57,15 +57,15 @@ def _no_worker_outlives_a_test():
 
 @pytest.fixture
 def compute_threads(monkeypatch):
-    """Wraps the real ``compute_roots`` to record the thread and thread count of every call."""
+    """Wraps the real ``compute_refresh`` to record the thread and thread count of every call."""
     calls = []
-    real = refresh.compute_roots
+    real = refresh.compute_refresh
 
     def recording(snapshots, settings):
         calls.append((threading.current_thread().name, torch.get_num_threads()))
         return real(snapshots, settings)
 
-    monkeypatch.setattr(refresh, "compute_roots", recording)
+    monkeypatch.setattr(refresh, "compute_refresh", recording)
     return calls
 
 
@@ -132,7 +132,7 @@ def test_a_wide_factor_is_bitwise_too_because_both_modes_use_the_same_thread_cou
 def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(monkeypatch):
     started, release = threading.Event(), threading.Event()
     seen, niceness = [], []
-    real = refresh.compute_roots
+    real = refresh.compute_refresh
 
     def gated(snapshots, settings):
         seen.append(torch.get_num_threads())
@@ -141,7 +141,7 @@ def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(mo
         release.wait()
         return real(snapshots, settings)
 
-    monkeypatch.setattr(refresh, "compute_roots", gated)
+    monkeypatch.setattr(refresh, "compute_refresh", gated)
     training_threads = torch.get_num_threads()
     training_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     model = _model()
@@ -164,7 +164,7 @@ def test_worker_failure_is_reraised_at_the_next_step_with_its_traceback(monkeypa
     def failing(snapshots, settings):
         raise ValueError("factor exploded")
 
-    monkeypatch.setattr(refresh, "compute_roots", failing)
+    monkeypatch.setattr(refresh, "compute_refresh", failing)
     model = _model()
     batches = _batches(4)
     with Shampoo(model.parameters(), **FAST, refresh="async", refresh_lag=0) as opt:
@@ -183,7 +183,7 @@ def test_worker_failure_is_reraised_at_the_next_step_with_its_traceback(monkeypa
 
 
 def test_drain_reraises_a_worker_failure(monkeypatch):
-    monkeypatch.setattr(refresh, "compute_roots", lambda snapshots, settings: 1 / 0)
+    monkeypatch.setattr(refresh, "compute_refresh", lambda snapshots, settings: 1 / 0)
     model = _model()
     with Shampoo(model.parameters(), **FAST, refresh="best_effort", refresh_lag=5) as opt:
         _train(model, opt, _batches(2))
@@ -230,11 +230,11 @@ def test_interpreter_exit_stops_an_idle_and_a_busy_worker():
         import time, torch
         from torch import nn
         from lightning_shampoo import Shampoo, refresh
-        real, delay = refresh.compute_roots, [0.0]
+        real, delay = refresh.compute_refresh, [0.0]
         def slow(snapshots, settings):
             time.sleep(delay[0])
             return real(snapshots, settings)
-        refresh.compute_roots = slow
+        refresh.compute_refresh = slow
         def train(opt, model):
             for _ in range(2):
                 opt.zero_grad()
@@ -258,13 +258,13 @@ def test_interpreter_exit_stops_an_idle_and_a_busy_worker():
 def _gate_compute(monkeypatch):
     """Make every root computation wait for the returned event (the real computation follows)."""
     gate = threading.Event()
-    real = refresh.compute_roots
+    real = refresh.compute_refresh
 
     def gated(snapshots, settings):
         gate.wait()
         return real(snapshots, settings)
 
-    monkeypatch.setattr(refresh, "compute_roots", gated)
+    monkeypatch.setattr(refresh, "compute_refresh", gated)
     return gate
 
 
@@ -346,14 +346,14 @@ def test_a_function_policy_decides_the_refresh_steps(compute_threads):
 
 
 def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
-    real = refresh.compute_roots
+    real = refresh.compute_refresh
     delay = {"seconds": 0.0}
 
     def slow(snapshots, settings):
         time.sleep(delay["seconds"])
         return real(snapshots, settings)
 
-    monkeypatch.setattr(refresh, "compute_roots", slow)
+    monkeypatch.setattr(refresh, "compute_refresh", slow)
     model = _model()
     bound = 3
     with Shampoo(model.parameters(), **FAST, refresh="best_effort", refresh_lag=bound) as opt:
@@ -377,9 +377,9 @@ def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
 def test_metrics_are_plain_floats_with_the_documented_keys():
     _, _, metrics = _run(12, refresh="async", refresh_lag=2)
     expected = {
-        "nonfinite_skips", "refreshes", "roots_accepted", "roots_rejected", "max_root_residual", "step",
-        "installs", "in_flight", "refresh_latency_s", "refresh_latency_mean_s", "staleness",
-        "staleness_mean", "wait_s",
+        "nonfinite_skips", "refreshes", "roots_accepted", "roots_rejected", "rejected_refreshes",
+        "max_root_residual", "step", "installs", "in_flight", "refresh_latency_s", "refresh_latency_mean_s",
+        "staleness", "staleness_mean", "wait_s",
     }  # fmt: skip
     assert set(metrics) == expected
     assert all(type(value) is float for value in metrics.values())
@@ -388,7 +388,7 @@ def test_metrics_are_plain_floats_with_the_documented_keys():
     assert metrics["staleness"] == metrics["staleness_mean"] == 2
     assert 0 < metrics["refresh_latency_s"] < 10 and 0 < metrics["refresh_latency_mean_s"] < 10
     assert 0 <= metrics["wait_s"] < 10
-    assert metrics["roots_accepted"] > 0 and metrics["roots_rejected"] == 0
+    assert metrics["roots_accepted"] > 0 and metrics["roots_rejected"] == metrics["rejected_refreshes"] == 0
     assert 0 < metrics["max_root_residual"] < 1e-6
 
 

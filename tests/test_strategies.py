@@ -41,14 +41,14 @@ class Record(Callback):
         self.data: dict[str, Any] = {"losses": {}}
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.data["held_at_start"] = sorted(trainer.optimizers[0].state_dict()["state"])
+        self.data["held_at_start"] = sorted(trainer.optimizers[0].shard_state_dict()["state"])
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, idx: int
     ) -> None:
         self.data["losses"][trainer.global_step] = outputs["loss"].detach().clone()
         if trainer.global_step == self.at:  # callbacks run before ModelCheckpoint: not yet consolidated
-            self.data["held_at"] = copy.deepcopy(trainer.optimizers[0].state_dict()["state"])
+            self.data["held_at"] = copy.deepcopy(trainer.optimizers[0].shard_state_dict()["state"])
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.data["params"] = torch.cat([p.detach().flatten() for p in pl_module.parameters()])
@@ -146,16 +146,37 @@ def test_strategies_are_found_by_name_also_from_a_cli_config(tmp_path: Path) -> 
     assert type(cli.trainer.strategy) is ShampooDDPStrategy
 
 
-def test_registration_waits_for_lightning_when_imported_first() -> None:
-    # The other order (lightning first) registers at once; the in-process tests above see one of the two.
-    code = (
-        "import sys, lightning_shampoo; lazy = 'lightning.pytorch' not in sys.modules; import lightning\n"
+@pytest.mark.parametrize(
+    ("code", "registered"),
+    [
+        # Lightning first: using Shampoo registers the names at once.
+        ("import lightning.pytorch; from lightning_shampoo import Shampoo", True),
+        # The Lightning-facing modules register on import.
+        ("import lightning_shampoo.callbacks", True),
+        ("import lightning_shampoo.strategies", True),
+        ("import lightning_shampoo; lightning_shampoo.register_strategies()", True),
+        # Plain PyTorch use registers nothing (and imports no Lightning): no import hook.
+        ("from lightning_shampoo import Shampoo; import lightning.pytorch", False),
+    ],
+)
+def test_strategies_register_at_a_documented_point_without_an_import_hook(
+    code: str, registered: bool
+) -> None:
+    check = (
+        f"import sys; {code}\n"
         "from lightning.pytorch.strategies import StrategyRegistry\n"
-        "print(lazy, sorted(n for n in StrategyRegistry if n.startswith('shampoo')))"
+        "print(sorted(n for n in StrategyRegistry if n.startswith('shampoo')))\n"
+        "print(any(type(f).__module__.startswith('lightning_shampoo') for f in sys.meta_path))"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, check=True)
     names = ["shampoo_ddp", "shampoo_ddp_fork", "shampoo_ddp_spawn", "shampoo_fsdp"]
-    assert result.stdout.strip() == f"True {names}", result.stderr
+    assert result.stdout.split("\n")[:2] == [str(names if registered else []), "False"], result.stderr
+
+
+def test_plain_pytorch_import_loads_no_lightning() -> None:
+    code = "import sys, lightning_shampoo; lightning_shampoo.Shampoo; print('lightning' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr
 
 
 def test_shampoo_fsdp_round_trips_every_ranks_factors_and_resumes(tmp_path: Path) -> None:

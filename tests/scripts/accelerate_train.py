@@ -68,7 +68,7 @@ def train(
             optimizer.zero_grad()
         losses.append(loss.detach().clone())
         if save_to is not None and accelerator.sync_gradients and steps(optimizer) == SAVED_AT:
-            share = copy.deepcopy(optimizer.state_dict()["state"])
+            share = copy.deepcopy(optimizer.optimizer.shard_state_dict()["state"])
             accelerator.save_state(save_to)
             save_to = None
     return losses, share
@@ -119,7 +119,7 @@ def main(out: Path) -> None:
     model, optimizer, loader = accelerator.prepare(model, optimizer, data())
     prepare_shampoo(accelerator, optimizer)
     accelerator.load_state(out / "state")
-    results["held_after_load"] = sorted(optimizer.state_dict()["state"])
+    results["held_after_load"] = sorted(optimizer.optimizer.shard_state_dict()["state"])
     remaining = accelerator.skip_first_batches(loader, SAVED_AT * ACCUMULATE)
     results["losses_resumed"], _ = train(accelerator, model, optimizer, remaining, None)
     results["params_resumed"] = flat(model)

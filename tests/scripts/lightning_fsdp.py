@@ -50,8 +50,9 @@ class ShardedMLP(pl.LightningModule):
 
 
 def local_blocks(optimizer: Shampoo, module: pl.LightningModule) -> dict[str, torch.Tensor]:
+    """This rank's factor and root stacks (the optimizer keeps them as plain local tensors)."""
     return {
-        f"{name}.{key}": value.to_local().clone()
+        f"{name}.{key}": value.clone()
         for name, param in module.named_parameters()
         for key, value in optimizer.state[param].items()
         if key.startswith(("factor_", "root_"))

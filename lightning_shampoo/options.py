@@ -1,0 +1,152 @@
+"""Shampoo's options: the per-group defaults and the optimizer-wide records, each validated in one place.
+
+Users pass flat keyword arguments (``Shampoo(params, lr=…, refresh="async", …)``); the options that
+interlock are gathered here into small frozen records, validated together, with messages that say what
+to pass instead.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from . import grafting
+from .layout import DISTRIBUTE_MODES
+from .refresh import MODES, EveryNSteps, FunctionPolicy, RefreshPolicy
+
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
+INVERSE_ROOTS = ("eigh", "newton")
+# Options that decide the state's layout: a checkpoint only loads into an optimizer that agrees on them.
+STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d")
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def validate_group(group: dict[str, Any]) -> None:
+    """Check the options of one parameter group (the defaults, or a group's own values)."""
+    beta1, beta2 = group["betas"]
+    require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+    require(0 <= beta1 < 1, f"betas[0] must be in [0, 1), got {beta1}")
+    require(0 < beta2 <= 1, f"betas[1] must be in (0, 1] (1 = running sum), got {beta2}")
+    require(group["epsilon"] >= 0, f"epsilon must be >= 0, got {group['epsilon']}")
+    require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
+    require(group["block_size"] >= 1, f"block_size must be >= 1, got {group['block_size']}")
+    require(
+        group["graft"] in grafting.GRAFTS, f"graft must be one of {grafting.GRAFTS}, got {group['graft']!r}"
+    )
+    require(0 < group["graft_beta2"] <= 1, f"graft_beta2 must be in (0, 1], got {group['graft_beta2']}")
+    require(group["graft_epsilon"] >= 0, f"graft_epsilon must be >= 0, got {group['graft_epsilon']}")
+    override = group["exponent_override"]
+    require(override is None or override >= 1, f"exponent_override must be None or >= 1, got {override}")
+    multiplier = group["exponent_multiplier"]
+    require(multiplier > 0, f"exponent_multiplier must be > 0 (1: the classic −1/(2k)), got {multiplier}")
+    require(
+        override is None or multiplier == 1,
+        "exponent_override fixes the root order p; combine it with exponent_multiplier=1 only "
+        f"(got exponent_multiplier={multiplier})",
+    )
+    limit = group["max_preconditioned_dim"]
+    require(limit is None or limit >= 1, f"max_preconditioned_dim must be None or >= 1, got {limit}")
+
+
+def root_exponent(group: dict[str, Any], order: int) -> float:
+    """The root order p of a block with ``order`` preconditioned dims: ``P = (S + εI)^(−1/p)``.
+
+    ``exponent_override``, else ``2k / exponent_multiplier`` (multiplier 1: the classic −1/(2k)).
+    """
+    if group["exponent_override"] is not None:
+        return group["exponent_override"]
+    p = 2 * order / group["exponent_multiplier"]
+    return int(p) if float(p).is_integer() else p
+
+
+@dataclass(frozen=True)
+class RefreshOptions:
+    """When preconditioners are refreshed, where the work runs and when results are installed.
+
+    Built by :meth:`from_arguments` from the optimizer's flat keyword arguments.
+    """
+
+    mode: str
+    lag: int
+    policy: RefreshPolicy
+    threads: int | None
+    frequency: int
+    start: int
+
+    @classmethod
+    def from_arguments(
+        cls,
+        refresh: str,
+        refresh_lag: int | None,
+        refresh_policy: RefreshPolicy | Callable[[int], bool] | None,
+        refresh_threads: int | None,
+        precondition_frequency: int,
+        start_preconditioning_step: int,
+    ) -> RefreshOptions:
+        require(
+            precondition_frequency >= 1, f"precondition_frequency must be >= 1, got {precondition_frequency}"
+        )
+        require(
+            start_preconditioning_step >= 1,
+            f"start_preconditioning_step must be >= 1 (steps count from 1), got {start_preconditioning_step}",
+        )
+        require(refresh in MODES, f"refresh must be one of {MODES}, got {refresh!r}")
+        if refresh_lag is None:
+            refresh_lag = 0 if refresh == "sync" else precondition_frequency
+        require(refresh_lag >= 0, f"refresh_lag must be >= 0, got {refresh_lag}")
+        require(
+            refresh_threads is None or refresh_threads >= 1,
+            f"refresh_threads must be None or >= 1, got {refresh_threads}",
+        )
+        if refresh_policy is None:
+            refresh_policy = EveryNSteps(start_preconditioning_step, precondition_frequency)
+        elif not isinstance(refresh_policy, RefreshPolicy):
+            require(
+                callable(refresh_policy),
+                f"refresh_policy must be a RefreshPolicy or a function step -> bool, got {refresh_policy!r}",
+            )
+            refresh_policy = FunctionPolicy(refresh_policy)
+        return cls(
+            refresh,
+            refresh_lag,
+            refresh_policy,
+            refresh_threads,
+            precondition_frequency,
+            start_preconditioning_step,
+        )
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """Optimizer-wide options of the step itself (as opposed to a group's hyperparameters)."""
+
+    preconditioner: str
+    inverse_root: str
+    max_root_residual: float
+    statistics_frequency: int
+    check_finite: bool
+    distribute: str
+
+    def __post_init__(self) -> None:
+        require(
+            self.preconditioner in PRECONDITIONERS,
+            f"preconditioner must be one of {PRECONDITIONERS}, got {self.preconditioner!r}",
+        )
+        require(
+            self.inverse_root in INVERSE_ROOTS,
+            f"inverse_root must be one of {INVERSE_ROOTS}, got {self.inverse_root!r}",
+        )
+        require(self.max_root_residual > 0, f"max_root_residual must be > 0, got {self.max_root_residual}")
+        require(
+            self.statistics_frequency >= 1,
+            f"statistics_frequency must be >= 1, got {self.statistics_frequency}",
+        )
+        require(
+            self.distribute in DISTRIBUTE_MODES,
+            f"distribute must be one of {DISTRIBUTE_MODES}, got {self.distribute!r}",
+        )
