@@ -9,12 +9,20 @@ over parameters, blocks and dims. Per parameter, with steps t counted from 1:
 * statistics (when ``t % statistics_frequency == 0``): ``S_i ← β2·S_i + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ``
   (``S_i + G₍ᵢ₎G₍ᵢ₎ᵀ`` when β2 = 1);
 * roots (when ``t ≥ start`` and ``(t − start) % precondition_frequency == 0``):
-  ``P_i = (S_i + ε_i I)^(−1/p)`` by fp64 eigendecomposition, ``p = exponent_override or 2k``,
-  ``ε_i = ε·λmax(S_i)`` if ``relative_epsilon`` else ``ε``;
+  ``P_i = (S_i + ε_i I)^(−1/p)`` by fp64 eigendecomposition, ``p = exponent_override or
+  2k/exponent_multiplier``, ``ε_i = ε·λmax(S_i)`` if ``relative_epsilon`` else ``ε``; with
+  ``pseudo_inverse`` no ridge, and eigenvalues ``≤ ε_i`` inverted as 0;
 * momentum ``M ← β1·M + (1−β1)·G``, ``M̂ = M/(1 − β1ᵗ)``, direction ``D = M̂ ×₁ P₁ ⋯ ×ₖ Pₖ``;
 * grafting per block ``U = D·‖A‖/‖D‖`` (``U = D`` for graft "none"), ``U = A`` before the first
   root computation or for blocks without preconditioned dims;
 * ``W ← W·(1 − lr·wd) − lr·U``.
+
+Eigenvalue-corrected (``preconditioner="eigenvalue_corrected"``), written the way the SOAP paper's code
+keeps its moments: ``M`` in the original coordinates, rotated into the eigenbasis every step. At a refresh
+``Q_i`` = the eigenvectors of ``S_i`` (fp64 eigh) and the rotated second moment is carried over as
+``V' ← V' ×ᵢ (Rᵢ∘Rᵢ)``, ``Rᵢ = Q_newᵢᵀ Q_oldᵢ``; every step ``G' = G ×₁ Q₁ᵀ ⋯``,
+``V' ← β·V' + (1−β)·G'²`` (β = graft_beta2), ``N' = (M̂ ×₁ Q₁ᵀ ⋯) / (√(V'/(1−βᵗ)) + ε_graft)``,
+``D = N' ×₁ Q₁ ⋯``, grafted per block as above unless graft "none" (``Q = I`` before the first refresh).
 """
 
 from __future__ import annotations
@@ -48,7 +56,7 @@ class _Block:
     dims: list[int]  # block dims that carry a Kronecker factor
     exponent: float
     factors: list[Tensor] = field(default_factory=list)  # S_i, fp64
-    roots: list[Tensor] = field(default_factory=list)  # P_i, fp64
+    roots: list[Tensor] = field(default_factory=list)  # P_i, fp64 (eigenvalue corrected: the bases Q_i)
 
 
 def reference_blocks(
@@ -57,6 +65,7 @@ def reference_blocks(
     max_preconditioned_dim: int | None,
     precondition_1d: bool,
     exponent_override: float | None,
+    exponent_multiplier: float = 1.0,
 ) -> tuple[list[int], list[tuple[tuple[slice, ...], list[int], float]]]:
     """Merged shape and, per grid cell, ``(index, preconditioned dims, root exponent p)``."""
     merged = reference_merged_shape(shape, block_size)
@@ -68,7 +77,7 @@ def reference_blocks(
     dims = [i for i, skip in enumerate(skipped) if not skip]
     if len(merged) == 1 and not precondition_1d:
         dims = []
-    exponent = exponent_override if exponent_override is not None else 2 * len(dims)
+    exponent = exponent_override if exponent_override is not None else 2 * len(dims) / exponent_multiplier
     return merged, [(index, dims, exponent) for index in itertools.product(*chunks)]
 
 
@@ -82,10 +91,20 @@ def _unfold(x: Tensor, dim: int) -> Tensor:
     return torch.movedim(x, dim, 0).reshape(x.shape[dim], -1)
 
 
-def _inverse_root(stat: Tensor, exponent: float, epsilon: float, relative: bool) -> Tensor:
+def _inverse_root(stat: Tensor, exponent: float, epsilon: float, relative: bool, pseudo: bool) -> Tensor:
     eigenvalues, eigenvectors = torch.linalg.eigh(stat)
     ridge = epsilon * eigenvalues.max().item() if relative else epsilon
+    if pseudo:
+        inverted = [0.0 if lam <= ridge else lam ** (-1.0 / exponent) for lam in eigenvalues.tolist()]
+        return eigenvectors @ torch.diag(torch.tensor(inverted, dtype=torch.float64)) @ eigenvectors.T
     return eigenvectors @ torch.diag((eigenvalues + ridge) ** (-1.0 / exponent)) @ eigenvectors.T
+
+
+def _rotate(x: Tensor, block: _Block, back: bool) -> Tensor:
+    """``x ×ᵢ Qᵢᵀ`` over the block's preconditioned dims (``back``: ``×ᵢ Qᵢ``)."""
+    for dim, basis in zip(block.dims, block.roots, strict=True):
+        x = _mode_product(x, basis if back else basis.T, dim)
+    return x
 
 
 class ReferenceShampoo:
@@ -109,9 +128,14 @@ class ReferenceShampoo:
         statistics_frequency: int = 1,
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
+        preconditioner: str = "root_inverse",
+        exponent_multiplier: float = 1.0,
+        pseudo_inverse: bool = False,
     ) -> None:
         if graft not in GRAFTS:
             raise ValueError(f"unknown graft {graft!r}")
+        self.corrected = preconditioner == "eigenvalue_corrected"
+        self.pseudo_inverse = pseudo_inverse
         self.lr, self.weight_decay = lr, weight_decay
         self.beta1, self.beta2 = betas
         self.epsilon, self.relative_epsilon = epsilon, relative_epsilon
@@ -125,7 +149,12 @@ class ReferenceShampoo:
         self.blocks: list[list[_Block]] = []
         for p in self.params:
             merged, cells = reference_blocks(
-                p.shape, block_size, max_preconditioned_dim, precondition_1d, exponent_override
+                p.shape,
+                block_size,
+                max_preconditioned_dim,
+                precondition_1d,
+                exponent_override,
+                exponent_multiplier,
             )
             blocks = []
             for index, dims, exponent in cells:
@@ -137,6 +166,7 @@ class ReferenceShampoo:
             self.blocks.append(blocks)
         self.exp_avg = [torch.zeros(shape, dtype=torch.float64) for shape in self.merged]
         self.graft_sq = [torch.zeros(shape, dtype=torch.float64) for shape in self.merged]
+        self.rotated_sq = [torch.zeros(shape, dtype=torch.float64) for shape in self.merged]  # V'
         self.preconditioned = False
 
     def _graft_direction(self, i: int, grad: Tensor, mhat: Tensor) -> Tensor:
@@ -174,12 +204,41 @@ class ReferenceShampoo:
                             block.factors[k] = block.factors[k] + outer
                         else:
                             block.factors[k] = self.beta2 * block.factors[k] + (1 - self.beta2) * outer
-                    if refresh:
+                    if refresh and not self.corrected:
                         block.roots[k] = _inverse_root(
-                            block.factors[k], block.exponent, self.epsilon, self.relative_epsilon
+                            block.factors[k],
+                            block.exponent,
+                            self.epsilon,
+                            self.relative_epsilon,
+                            self.pseudo_inverse,
                         )
+                if self.corrected:
+                    direction = self._corrected_update(i, block, g, mhat[block.index], refresh)
+                    if self.graft == "none":
+                        update[block.index] = direction
+                    elif not block.dims:
+                        update[block.index] = graft[block.index]
+                    else:
+                        norm = direction.norm()
+                        scale = graft[block.index].norm() / norm if norm > 0 else 0.0
+                        update[block.index] = direction * scale
+                    continue
                 update[block.index] = self._block_update(block, mhat[block.index], graft[block.index])
             param.mul_(1 - self.lr * self.weight_decay).sub_(self.lr * update.reshape(param.shape))
+
+    def _corrected_update(self, i: int, block: _Block, grad: Tensor, mhat: Tensor, refresh: bool) -> Tensor:
+        """Adam in the block's eigenbasis; at a refresh the new bases come first, ``V'`` carried over."""
+        v = self.rotated_sq[i][block.index]
+        if refresh:
+            for k, dim in enumerate(block.dims):
+                basis = torch.linalg.eigh(block.factors[k])[1]
+                v = _mode_product(v, (basis.T @ block.roots[k]) ** 2, dim)
+                block.roots[k] = basis
+        b2 = self.graft_beta2
+        v = b2 * v + (1 - b2) * _rotate(grad, block, back=False) ** 2
+        self.rotated_sq[i][block.index] = v
+        rotated = _rotate(mhat, block, back=False) / ((v / (1 - b2**self.t)).sqrt() + self.graft_epsilon)
+        return _rotate(rotated, block, back=True)
 
     def _block_update(self, block: _Block, mhat: Tensor, graft: Tensor) -> Tensor:
         if not self.preconditioned or not block.dims:

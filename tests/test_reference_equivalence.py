@@ -214,3 +214,106 @@ def test_graft_only_matches_adamw_on_mlp() -> None:
             # update, the displacement from the start within 1e-5 of its size (measured 3e-7).
             assert (p - q).norm() <= 1e-6 * q.norm()
             assert (p - q).norm() <= 1e-5 * (q - p0).norm()
+
+
+# ------------------------------------------------------------------ root options and eigenvalue correction
+
+ROOT_OPTION_CASES: dict[str, tuple[list[tuple[int, ...]], dict[str, Any]]] = {
+    "exponent_multiplier_2": ([(10, 7), (4, 6, 5)], dict(block_size=6, exponent_multiplier=2.0)),
+    "exponent_one_third": ([(6, 5), (10,)], dict(exponent_multiplier=4 / 3, block_size=8)),
+    # Rank-deficient statistics (a 6x5 block after one step has rank 1): the pseudo-inverse drops the null
+    # space instead of lifting it by the ridge.
+    "pseudo_inverse": ([(6, 5), (10, 7)], dict(block_size=8, pseudo_inverse=True)),
+    "pseudo_inverse_every_step": (
+        [(6, 5)],
+        dict(pseudo_inverse=True, start_preconditioning_step=1, precondition_frequency=1),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(ROOT_OPTION_CASES))
+def test_root_options_match_reference(case: str) -> None:
+    shapes, overrides = ROOT_OPTION_CASES[case]
+    _run_pair(shapes, **overrides)
+
+
+# An eigenbasis is unique only where the spectrum is simple: a rank-deficient factor's null space may be
+# spanned by any basis, and the rotated second moment there depends on which. So the first refresh waits
+# until every factor has full rank (rank-1 updates per step for 1-D blocks: step 8 covers dims up to 7).
+CORRECTED = dict(preconditioner="eigenvalue_corrected", graft="none", start_preconditioning_step=8, steps=20)
+CORRECTED_CASES: dict[str, tuple[list[tuple[int, ...]], dict[str, Any]]] = {
+    "2d": ([(6, 5)], {}),
+    "blocked_3d_1d_0d": ([(10, 7), (4, 6, 5), (10,), ()], dict(block_size=4)),
+    "skipped_dims": ([(12, 10), (20, 3, 3)], dict(block_size=9, max_preconditioned_dim=10)),
+    "no_precondition_1d": ([(10,), (6, 5)], dict(precondition_1d=False)),
+    "every_step_refresh": ([(6, 5), (4, 6, 5)], dict(block_size=6, precondition_frequency=1)),
+    "weight_decay_beta2_one": ([(6, 5), (5,)], dict(weight_decay=0.1, betas=(0.9, 1.0))),
+    "statistics_frequency_2": (
+        [(10, 7)],
+        dict(block_size=4, statistics_frequency=2, start_preconditioning_step=9),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRECTED_CASES))
+def test_eigenvalue_corrected_matches_reference(case: str) -> None:
+    shapes, overrides = CORRECTED_CASES[case]
+    _run_pair(shapes, **{**CORRECTED, **overrides})
+
+
+@pytest.mark.parametrize("graft", ["adam", "adagrad", "sgd"])
+def test_eigenvalue_corrected_with_a_graft_matches_reference(graft: str) -> None:
+    _run_pair([(10, 7), (5,), ()], **{**CORRECTED, "graft": graft, "block_size": 4})
+
+
+def test_eigenvalue_corrected_without_refresh_is_adamw() -> None:
+    """Before its first eigenbasis the eigenvalue-corrected preconditioner is Adam (Q = I): AdamW exactly,
+    with β2 and ε of the diagonal method."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    twin = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
+    twin.load_state_dict(model.state_dict())
+    lr, wd = 1e-2, 0.05
+    shampoo = Shampoo(
+        model.parameters(), lr=lr, weight_decay=wd, preconditioner="eigenvalue_corrected", graft="none",
+        start_preconditioning_step=10_000, graft_beta2=0.99, graft_epsilon=1e-8,
+    )  # fmt: skip
+    adamw = torch.optim.AdamW(twin.parameters(), lr=lr, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 5, generator=gen), torch.randn(32, 3, generator=gen)
+    for _ in range(20):
+        for net, opt in ((model, shampoo), (twin, adamw)):
+            opt.zero_grad()
+            nn.functional.mse_loss(net(x), y).backward()
+            opt.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        assert (p - q).norm() <= 1e-6 * q.norm()
+
+
+def test_rejected_roots_never_switch_a_parameter_to_shampoo() -> None:
+    """Every root rejected (an impossible residual bound): the update stays the graft's, step after step,
+    as in a reference that never preconditions."""
+    shapes = [(6, 5), (10,)]
+    gen = torch.Generator().manual_seed(5)
+    inits = [torch.randn(shape, generator=gen) for shape in shapes]
+    params = [nn.Parameter(x.clone()) for x in inits]
+    hp = {**BASE, "start_preconditioning_step": 1, "precondition_frequency": 1}
+    optimizer = Shampoo(params, **hp, max_root_residual=1e-300)
+    reference = ReferenceShampoo(inits, **{**hp, "start_preconditioning_step": 10_000})
+    stream = GradientStream(shapes, seed=5)
+    with pytest.warns(RuntimeWarning, match="every result of a refresh was rejected"):
+        for _ in range(6):
+            grads = stream.next()
+            before = [p.detach().double().clone() for p in params]
+            reference_before = [w.clone() for w in reference.params]
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+            optimizer.step()
+            reference.step(grads)
+            for i, p in enumerate(params):
+                _assert_update_close(
+                    p.detach().double() - before[i], reference.params[i] - reference_before[i], ""
+                )
+    assert optimizer.metrics()["roots_accepted"] == 0
+    assert optimizer.metrics()["rejected_refreshes"] == 6
+    assert not any(optimizer.state[p]["preconditioned"] for p in params)
