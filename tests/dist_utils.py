@@ -88,7 +88,41 @@ def split_batch_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
         rows = rank_rows(len(x), rank, world_size)
         torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
     for param in model.parameters():
-        param.grad.div_(world_size)
+        if param.grad is not None:
+            param.grad.div_(world_size)
+
+
+def train_one_process(model: torch.nn.Module, opt: Any, steps: list) -> list:
+    """Train in one process on the gradients DDP gives 2 ranks (``split_batch_backward``); the parameters
+    after every step."""
+    trajectory = []
+    for x, y in steps:
+        opt.zero_grad()
+        split_batch_backward(model, x, y, world_size=2)
+        opt.step()
+        trajectory.append(flat_params(model))
+    return trajectory
+
+
+def train_ddp(rank: int, world_size: int, model: torch.nn.Module, opt: Any, steps: list) -> list:
+    """Train under DistributedDataParallel, each rank on its rows of every batch; the parameters after every
+    step."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    ddp = DistributedDataParallel(model)
+    trajectory = []
+    for x, y in steps:
+        rows = rank_rows(len(x), rank, world_size)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
+        opt.step()
+        trajectory.append(flat_params(model))
+    return trajectory
+
+
+def max_relative_gap(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Largest relative distance between two trajectories, step by step."""
+    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b, strict=True))
 
 
 def assert_checkpoint_is_union_of_shares(saved: dict[str, Any], shares: list[dict[int, Any]]) -> None:

@@ -12,9 +12,8 @@ import copy
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_utils import batches, flat_params, mlp, rank_rows, run_ranks, split_batch_backward
+from dist_utils import batches, max_relative_gap, mlp, run_ranks, train_ddp, train_one_process
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_shampoo import Shampoo
 from lightning_shampoo.checkpoint import load_sharded_state_dict, sharded_state_dict
@@ -24,28 +23,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 
 OPTIONS = dict(lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3, refresh_lag=1)
 STEPS, SAVED_AT = 10, 5
-
-
-def _one_process(model, opt, steps):
-    trajectory = []
-    for x, y in steps:
-        opt.zero_grad()
-        split_batch_backward(model, x, y, world_size=2)
-        opt.step()
-        trajectory.append(flat_params(model))
-    return trajectory
-
-
-def _ranks_train(rank, world_size, model, opt, steps):
-    ddp = DistributedDataParallel(model)
-    trajectory = []
-    for x, y in steps:
-        rows = rank_rows(len(x), rank, world_size)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
-        opt.step()
-        trajectory.append(flat_params(model))
-    return trajectory
 
 
 def _resumed(model_state):
@@ -59,7 +36,7 @@ def _scenarios(rank, world_size, data, single, single_dir, sharded_dir):
     # Written on 2 ranks: the rank's own part, the gathered whole (rank 0) and the per-rank DCP files.
     model = mlp()
     opt = Shampoo(model.parameters(), **OPTIONS)
-    _ranks_train(rank, world_size, model, opt, data[:SAVED_AT])
+    train_ddp(rank, world_size, model, opt, data[:SAVED_AT])
     out["partial"] = copy.deepcopy(opt.shard_state_dict())
     try:  # a share is never handed out as the state dict
         opt.state_dict()
@@ -69,14 +46,14 @@ def _scenarios(rank, world_size, data, single, single_dir, sharded_dir):
     out["gathered"] = copy.deepcopy(opt.state_dict()) if rank == 0 else None
     out["model"] = copy.deepcopy(model.state_dict())
     dcp.save({"optimizer": sharded_state_dict(opt)}, checkpoint_id=sharded_dir)
-    out["uninterrupted"] = _ranks_train(rank, world_size, model, opt, data[SAVED_AT:])
+    out["uninterrupted"] = train_ddp(rank, world_size, model, opt, data[SAVED_AT:])
     # Written by one process, resumed on 2 ranks: gathered, then per-rank files.
     model, opt = _resumed(single["model"])
     opt.load_state_dict(single["optimizer"])
-    out["from_gathered"] = _ranks_train(rank, world_size, model, opt, data[SAVED_AT:])
+    out["from_gathered"] = train_ddp(rank, world_size, model, opt, data[SAVED_AT:])
     model, opt = _resumed(single["model"])
     load_sharded_state_dict(opt, single_dir)
-    out["from_sharded"] = _ranks_train(rank, world_size, model, opt, data[SAVED_AT:])
+    out["from_sharded"] = train_ddp(rank, world_size, model, opt, data[SAVED_AT:])
     return out
 
 
@@ -86,39 +63,35 @@ def runs(tmp_path_factory):
     single_dir, sharded_dir = tmp_path_factory.mktemp("single"), tmp_path_factory.mktemp("sharded")
     model = mlp()
     opt = Shampoo(model.parameters(), **OPTIONS)
-    reference = _one_process(model, opt, data[:SAVED_AT])
+    reference = train_one_process(model, opt, data[:SAVED_AT])
     assert opt.metrics()["in_flight"] == 1  # the checkpoint holds a refresh in flight
     single = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
     dcp.save({"optimizer": sharded_state_dict(opt)}, checkpoint_id=single_dir)
-    reference += _one_process(model, opt, data[SAVED_AT:])
+    reference += train_one_process(model, opt, data[SAVED_AT:])
     ranks = run_ranks(_scenarios, data, single, str(single_dir), str(sharded_dir))
     return {"data": data, "reference": reference, "ranks": ranks, "sharded_dir": sharded_dir}
 
 
-def _max_relative_gap(a, b):
-    return max(float((x - y).norm() / y.norm()) for x, y in zip(a, b, strict=True))
-
-
 def test_two_ranks_follow_the_one_process_trajectory(runs):
     for rank in runs["ranks"]:
-        assert _max_relative_gap(rank["uninterrupted"], runs["reference"][SAVED_AT:]) <= 1e-6
+        assert max_relative_gap(rank["uninterrupted"], runs["reference"][SAVED_AT:]) <= 1e-6
 
 
 @pytest.mark.parametrize("path", ["from_gathered", "from_sharded"])
 def test_one_process_checkpoint_resumes_on_two_ranks(runs, path):
     for rank in runs["ranks"]:
-        assert _max_relative_gap(rank[path], runs["reference"][SAVED_AT:]) <= 1e-6
+        assert max_relative_gap(rank[path], runs["reference"][SAVED_AT:]) <= 1e-6
 
 
 @pytest.mark.parametrize("path", ["gathered", "sharded"])
-def test_two_rank_checkpoint_resumes_in_one_process(runs, path):
+def test_two_rank_checkpoint_resumes_intrain_one_process(runs, path):
     model, opt = _resumed(runs["ranks"][0]["model"])
     if path == "gathered":
         opt.load_state_dict(runs["ranks"][0]["gathered"])
     else:
         load_sharded_state_dict(opt, runs["sharded_dir"])
-    resumed = _one_process(model, opt, runs["data"][SAVED_AT:])
-    assert _max_relative_gap(resumed, runs["reference"][SAVED_AT:]) <= 1e-6
+    resumed = train_one_process(model, opt, runs["data"][SAVED_AT:])
+    assert max_relative_gap(resumed, runs["reference"][SAVED_AT:]) <= 1e-6
 
 
 def test_gathered_state_is_the_one_process_state(runs):
@@ -126,7 +99,7 @@ def test_gathered_state_is_the_one_process_state(runs):
     gathered = runs["ranks"][0]["gathered"]
     model = mlp()
     opt = Shampoo(model.parameters(), **OPTIONS)
-    _one_process(model, opt, runs["data"][:SAVED_AT])
+    train_one_process(model, opt, runs["data"][:SAVED_AT])
     single = opt.state_dict()
     assert gathered["state"].keys() == single["state"].keys()
     for index, state in single["state"].items():
