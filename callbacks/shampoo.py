@@ -89,8 +89,8 @@ class ShampooCallback(Callback):
                     "refresh, so the preconditioners are never computed. Set every_n_steps and/or "
                     "on_epoch_end."
                 )
-            lag, period = optimizer.refresh_lag, self.every_n_steps
-            if optimizer.refresh_mode == "async" and period is not None and lag > period:
+            lag, period = optimizer.refresh_options.lag, self.every_n_steps
+            if optimizer.refresh_options.mode == "async" and period is not None and lag > period:
                 # The default lag is precondition_frequency, which knows nothing of this schedule.
                 rank_zero_warn(
                     f"Optimizer {index} installs its roots refresh_lag={lag} steps after their snapshot, "

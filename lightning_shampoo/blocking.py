@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -121,6 +122,11 @@ def plan_blocks(
         for combo in itertools.product(*runs)
     )
     return BlockPlan(shape, merged, groups)
+
+
+def plan_for_group(shape: tuple[int, ...], group: dict[str, Any]) -> BlockPlan:
+    """:func:`plan_blocks` under an optimizer parameter group's blocking options."""
+    return plan_blocks(shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"])
 
 
 def _chunk_runs(size: int, block_size: int) -> list[tuple[int, int, int]]:

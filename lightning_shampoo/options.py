@@ -26,7 +26,7 @@ def require(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-def validate_group(group: dict[str, Any]) -> None:
+def validate_group(group: dict[str, Any], inverse_root: str = "eigh") -> None:
     """Check the options of one parameter group (the defaults, or a group's own values)."""
     beta1, beta2 = group["betas"]
     require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
@@ -51,6 +51,10 @@ def validate_group(group: dict[str, Any]) -> None:
     )
     limit = group["max_preconditioned_dim"]
     require(limit is None or limit >= 1, f"max_preconditioned_dim must be None or >= 1, got {limit}")
+    require(
+        not (group["pseudo_inverse"] and inverse_root == "newton"),
+        "pseudo_inverse needs inverse_root='eigh' (the coupled Newton iteration has no pseudo-inverse)",
+    )
 
 
 def root_exponent(group: dict[str, Any], order: int) -> float:
@@ -66,9 +70,15 @@ def root_exponent(group: dict[str, Any], order: int) -> float:
 
 @dataclass(frozen=True)
 class RefreshOptions:
-    """When preconditioners are refreshed, where the work runs and when results are installed.
+    """When preconditioners are refreshed, where the work runs and when results are installed
+    (``Shampoo(...).refresh_options``; built by :meth:`from_arguments` from the flat keyword arguments).
 
-    Built by :meth:`from_arguments` from the optimizer's flat keyword arguments.
+    Attributes:
+        mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (the ``refresh`` option).
+        lag: steps from a snapshot to the install of its results (the bound on it for best effort).
+        policy: the schedule given at construction (``Shampoo.policy`` is the one in force).
+        threads: intra-op threads of the refresh computation (``None``: torch's count).
+        frequency, start: ``precondition_frequency`` and ``start_preconditioning_step``.
     """
 
     mode: str

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
 
@@ -28,6 +28,52 @@ NONNEGATIVE_KEYS = ("graft_sq", "exp_avg_sq")
 # Relative tolerances of the value checks: far above fp32 (and bf16) rounding, far below a corrupted entry.
 SYMMETRY_TOLERANCE = 1e-2
 ORTHONORMALITY_TOLERANCE = 5e-2
+
+
+COUNTERS = ("nonfinite_skips", "refreshes", "roots_accepted", "roots_rejected", "rejected_refreshes")
+
+
+@dataclass
+class Progress:
+    """The optimizer-wide clock and counters: the refresh schedule runs on ``step``; saved with the state
+    (``state_dict()["shampoo"]``) and reported by ``metrics()``."""
+
+    step: int = 0
+    refresh_requested: bool = False
+    counters: dict[str, int] = field(default_factory=lambda: dict.fromkeys(COUNTERS, 0))
+    max_root_residual: float = 0.0
+
+    def record_install(self, accepted: int, rejected: int, residuals: Tensor) -> None:
+        """Count one step's installed results (``residuals`` of all of them, ``inf`` where none)."""
+        self.counters["roots_accepted"] += accepted
+        self.counters["roots_rejected"] += rejected
+        self.counters["rejected_refreshes"] += int(bool(rejected) and not accepted)
+        finite = residuals[residuals.isfinite()]
+        if finite.numel():
+            self.max_root_residual = max(self.max_root_residual, float(finite.max()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "refresh_requested": self.refresh_requested,
+            "counters": dict(self.counters),
+            "max_root_residual": self.max_root_residual,
+        }
+
+    @classmethod
+    def from_dict(cls, extra: dict[str, Any]) -> Progress:
+        """From a validated ``"shampoo"`` section (missing entries: a fresh optimizer's)."""
+        progress = cls(int(extra.get("step", 0)), bool(extra.get("refresh_requested", False)))
+        progress.counters.update({key: int(value) for key, value in extra.get("counters", {}).items()})
+        progress.max_root_residual = float(extra.get("max_root_residual", 0.0))
+        return progress
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            **{name: float(value) for name, value in self.counters.items()},
+            "max_root_residual": self.max_root_residual,
+            "step": float(self.step),
+        }
 
 
 def is_block_key(key: str) -> bool:
@@ -256,6 +302,16 @@ def pending_state(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
             ticket["results"] = [e["result"] for e in members]
         pending.append(ticket)
     return {"pending": pending}
+
+
+def restore(state: dict[str, Any], saved: dict[str, Any], import_: Any, device: torch.device) -> None:
+    """Put a parameter's saved state back after torch's ``load_state_dict``, which casts floating state to
+    the parameter's dtype: Shampoo's state is fp32 plain local tensors by contract."""
+    for key, value in saved.items():
+        if isinstance(value, Tensor) and value.is_floating_point():
+            state[key] = import_(value).to(device=device, dtype=torch.float32, copy=True)
+        elif key == "step":
+            state[key] = int(value)
 
 
 def map_tensors(value: Any, fn: Any) -> Any:
