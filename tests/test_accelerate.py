@@ -55,6 +55,16 @@ def test_two_processes_train_together_with_identical_parameters(launched: dict[s
         assert torch.equal(first[run], second[run]), run
 
 
+def test_saving_without_prepare_shampoo_fails_loudly_and_writes_no_partial_state(
+    launched: dict[str, Any],
+) -> None:
+    for rank in launched["ranks"]:
+        outcome = rank["unprepared_save"]
+        assert "consolidate_state_dict() on every rank" in outcome["error"]
+        assert "prepare_shampoo(accelerator, optimizer)" in outcome["error"]
+        assert not outcome["optimizer_file_written"]
+
+
 def test_only_real_optimizer_steps_count(launched: dict[str, Any]) -> None:
     for rank in launched["ranks"]:
         assert len(rank["losses_full"]) == STEPS * ACCUMULATE

@@ -98,6 +98,25 @@ def skipped_step_is_not_counted() -> list[tuple[float, bool]]:
     return counts
 
 
+def save_without_prepare_shampoo(accelerator: Accelerator, directory: Path) -> dict[str, Any]:
+    """``save_state`` of a sharded Shampoo whose state was never consolidated: it must fail loudly on every
+    rank, never write one rank's share as if it were the whole."""
+    accelerator.free_memory()
+    model, optimizer = build(2)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, data())
+    train(accelerator, model, optimizer, list(loader)[: 2 * ACCUMULATE])
+    try:
+        accelerator.save_state(directory)
+    except RuntimeError as error:
+        outcome = {"error": str(error)}
+    else:
+        outcome = {"error": ""}
+    accelerator.wait_for_everyone()
+    outcome["optimizer_file_written"] = (directory / "optimizer.bin").exists()
+    optimizer.optimizer.close()
+    return outcome
+
+
 def main(out: Path) -> None:
     torch.set_num_threads(1)
     accelerator = Accelerator(gradient_accumulation_steps=ACCUMULATE)
@@ -132,6 +151,7 @@ def main(out: Path) -> None:
     results["reloaded_steps"] = steps(optimizer)
 
     results["scaler_counts"] = skipped_step_is_not_counted()
+    results["unprepared_save"] = save_without_prepare_shampoo(accelerator, out / "unprepared")
     torch.save(results, out / f"rank{accelerator.process_index}.pt")
     accelerator.end_training()
 
