@@ -21,7 +21,6 @@ import pytest
 import torch
 from dist_utils import free_port
 from lightning.pytorch.callbacks import BackboneFinetuning, Callback
-from torch import nn
 
 from lightning_shampoo import OnRequest, Shampoo
 from lightning_shampoo.callbacks import ShampooCallback
