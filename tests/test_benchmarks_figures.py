@@ -1,8 +1,10 @@
-"""Figures 1 and 2 checked piece by piece: the char-LM convergence task, the peers' matched settings, a
-failing peer's row, and where the step-time windows start."""
+"""Figures 1 and 2 checked piece by piece: the char-LM convergence tasks and their learning-rate
+schedule, the peers' matched settings, a failing peer's row, and where the step-time windows start."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import math
 from collections.abc import Callable
 from pathlib import Path
@@ -12,7 +14,7 @@ import pytest
 import torch
 from torch.optim import Optimizer
 
-from benchmarks import convergence, optimizers, step_time
+from benchmarks import convergence, optimizers, schedules, step_time
 from benchmarks.harness import Settings, Table
 from benchmarks.models import lm_workload, mlp_workload
 from benchmarks.optimizers import Matched, Peer
@@ -71,6 +73,66 @@ def test_char_lm_sweeps_pass_the_task_settings(char_lm: convergence.ConvergenceT
     for spec, lr in zip(sweeps["Shampoo"], char_lm.lrs["Shampoo"], strict=True):
         assert spec.kind == "shampoo"
         assert spec.options == {"lr": lr, **char_lm.shampoo}
+
+
+def test_char_lm_8k_task_trains_the_recipe_model_on_8192_token_batches() -> None:
+    task = convergence.char_lm_8k_task(quick=False, device=CPU)
+    inputs, targets = task.sample(torch.Generator().manual_seed(5))
+    assert inputs.shape == targets.shape == (64, 128) and inputs.numel() == 8192
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    torch.manual_seed(0)
+    model = task.build()
+    assert (model.hparams.d_model, model.hparams.n_layers, model.hparams.n_heads) == (128, 2, 4)
+    assert task.train_eval[0].shape == (64, 128)
+    # A few steps of the real size (each ~0.3 s here): the loss falls from uniform over the bytes.
+    few = dataclasses.replace(task, max_steps=4, eval_every=2)
+    trajectory = convergence.train(few, few.spec("Shampoo", 3e-3), seed=0, device=CPU)
+    assert [step for step, _, _ in trajectory.points] == [2, 4]
+    assert trajectory.points[-1][2] < math.log(256) - 0.1 and math.isfinite(trajectory.heldout_loss)
+
+
+def _lrs_used(optimizer: Optimizer, schedule: schedules.WarmupCosine, steps: int) -> list[float]:
+    """The lr of every step of a schedule, read from the parameter's change where the optimizer is SGD."""
+    (param,) = optimizer.param_groups[0]["params"]
+    scheduler = schedule.attach(optimizer)
+    seen = []
+    for _ in range(steps):
+        before = param.detach().clone()
+        param.grad = torch.ones_like(param)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        if isinstance(optimizer, torch.optim.SGD):  # W ← W − lr·1: the step taken is the lr itself
+            assert torch.allclose(before - param.detach(), torch.full_like(param, lr))
+        seen.append(lr)
+    return seen
+
+
+@pytest.mark.parametrize("make", [lambda p: torch.optim.SGD([p], lr=0.2),
+                                  lambda p: Shampoo([p], lr=0.2, start_preconditioning_step=1)],
+                         ids=["sgd", "shampoo"])
+def test_warmup_cosine_lr_at_each_step(make: Callable[[torch.Tensor], Optimizer]) -> None:
+    schedule = schedules.WarmupCosine(warmup_steps=4, total_steps=12, final_fraction=0.1)
+    seen = _lrs_used(make(torch.nn.Parameter(torch.zeros(3, 2))), schedule, steps=14)
+    peak = 0.2
+    # Warmup t/4 · peak; the peak at step 4; cosine halfway (step 8) at (0.1 + 0.9 / 2) · peak; the floor
+    # 0.1 · peak from step 12 on.
+    assert seen[:4] == pytest.approx([0.05, 0.1, 0.15, 0.2])
+    assert seen[7] == pytest.approx(peak * 0.55)
+    assert seen[5] == pytest.approx(peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 2 / 8))))
+    assert seen[11:] == pytest.approx([0.02] * 3)
+    assert all(a > b for a, b in itertools.pairwise(seen[3:12]))  # falling from the peak to the floor
+
+
+def test_schedule_of_a_task_and_its_bad_input() -> None:
+    assert schedules.warmup_cosine(200) == schedules.WarmupCosine(10, 200, 0.1)
+    assert schedules.warmup_cosine(10).warmup_steps == 1
+    with pytest.raises(ValueError, match="warmup_steps < total_steps"):
+        schedules.WarmupCosine(12, 12)
+    with pytest.raises(ValueError, match="share of the peak"):
+        schedules.WarmupCosine(1, 12, final_fraction=1.5)
+    with pytest.raises(ValueError, match="count from 1"):
+        schedules.WarmupCosine(1, 12).factor(0)
 
 
 def _frequency_and_more(optimizer: Optimizer) -> dict[str, Any]:
