@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from . import convergence, memory, refresh_hiding, report, roots_bench, scaling, step_time
+from . import ablation, convergence, memory, refresh_hiding, report, roots_bench, scaling, step_time
 from .harness import goal_verdict
 
 BEGIN = "<!-- results:begin -->"
@@ -80,9 +80,28 @@ def _convergence(figure: Figure) -> Summary:
                      f"{goal('steps', steps, convergence.STEPS_GOAL, at_most=False)}; "
                      f"{goal('wall-clock', seconds, convergence.WALL_CLOCK_GOAL, at_most=False)}"])
     notes = ["Best of each learning-rate sweep; ratios are AdamW over Shampoo (above 1: Shampoo needs less)."]
+    if all("schedule" in record for record in figure["data"].values()):
+        plans = [(task, record["schedule"]) for task, record in figure["data"].items()]
+        steps = ", ".join(f"{task} {plan['warmup_steps']} of {plan['total_steps']}" for task, plan in plans)
+        floors = {plan["final_fraction"] for _, plan in plans}
+        notes.append(f"lr: the peak of the same schedule for both, linear warmup ({steps} steps) then cosine "
+                     f"to {'/'.join(f'{floor:g}' for floor in sorted(floors))}× the peak at the last step.")
     columns = ["task", "target loss", "steps AdamW/Shampoo", "wall-clock AdamW/Shampoo", "best lr AdamW",
                "best lr Shampoo", "goal"]
     return columns, rows, notes
+
+
+def _ablation(figure: Figure) -> Summary:
+    table = figure["tables"][0]  # the best of each configuration's sweep: ablation.COLUMNS
+    cell = {column: i for i, column in enumerate(table["columns"])}
+    rows = []
+    for row in table["rows"]:
+        steps, seconds = row[cell["steps AdamW/this"]], row[cell["wall-clock AdamW/this"]]
+        rows.append([row[cell["task"]], row[cell["configuration"]], row[cell["best lr"]],
+                     None if steps is None else times(steps), None if seconds is None else times(seconds),
+                     row[cell["status"]]])
+    columns = ["task", "configuration", "best lr", "steps AdamW/this", "wall-clock AdamW/this", "status"]
+    return columns, rows, [table["notes"][0]]
 
 
 def _refresh_hiding(figure: Figure) -> Summary:
@@ -147,6 +166,7 @@ def _memory(figure: Figure) -> Summary:
 SUMMARIES: dict[str, Callable[[Figure], Summary]] = {
     step_time.NAME: _step_time,
     convergence.NAME: _convergence,
+    ablation.NAME: _ablation,
     refresh_hiding.NAME: _refresh_hiding,
     scaling.NAME: _scaling,
     roots_bench.NAME: _inverse_root,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from . import convergence, memory, readme, refresh_hiding, report, roots_bench, scaling, step_time
+from . import ablation, convergence, memory, readme, refresh_hiding, report, roots_bench, scaling, step_time
 from .harness import FigureResult, Settings, machine_info, progress
 
 DEFAULT_OUT = report.RESULTS_DIR
@@ -36,6 +36,7 @@ FIGURES: list[Figure] = [
     Figure(scaling.NAME, scaling.run),
     Figure(roots_bench.NAME, roots_bench.run),
     Figure(memory.NAME, memory.run),
+    Figure(ablation.NAME, ablation.run),
 ]
 
 

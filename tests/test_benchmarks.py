@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks import memory, readme, refresh_hiding, report, run, scaling
+from benchmarks import ablation, convergence, memory, readme, refresh_hiding, report, run, scaling
 from benchmarks.flops import forward_backward_flops, shampoo_step_flops
 from benchmarks.harness import FigureResult, Table
 from benchmarks.roots_bench import EXPONENT, RIDGE, spd_with_condition
@@ -89,6 +89,37 @@ def test_quick_refresh_hiding_times_every_configuration(quick_run: tuple[Path, s
         assert r["max_ms"] == pytest.approx(max(t for m in r["rounds"] for t in m["step_ms"]), abs=1e-3)
     rows = {row[0]: row for row in figure["tables"][0]["rows"]}
     assert rows["async"][-1].startswith("p99/median ≤1.25: ") and rows["sync"][-1] == ""
+
+
+def test_quick_convergence_schedules_every_task(quick_run: tuple[Path, str]) -> None:
+    out, _ = quick_run
+    data = _figure(out, "convergence")["data"]
+    assert list(data) == ["digits", "char_lm", "char_lm_8k"]
+    for record in data.values():  # the quick tasks run 40 steps: warmup 2, cosine to 10% at step 40
+        assert record["schedule"] == {"warmup_steps": 2, "total_steps": 40, "final_fraction": 0.1}
+        assert set(record["best"]) == {"AdamW", "Shampoo"}
+
+
+def test_quick_ablation_compares_every_configuration_with_adamw(quick_run: tuple[Path, str]) -> None:
+    out, stdout = quick_run
+    figure = _figure(out, "ablation")
+    names = ["AdamW", *ablation.CONFIGURATIONS]
+    for make in convergence.TASKS:
+        task = make(True, torch.device("cpu"))
+        entries = figure["data"][task.name]["entries"]
+        assert list(entries) == names
+        for name, entry in entries.items():
+            if "unavailable" in entry:  # not taken by the installed Shampoo, or failed in training
+                assert entry["unavailable"].startswith(("unavailable: ", "failed: "))
+                continue
+            family = "AdamW" if name == "AdamW" else "Shampoo"
+            assert [point["lr"] for point in entry["sweep"]] == list(task.short_lrs[family])
+        assert f"[ablation] {task.name} | AdamW lr" in stdout
+    best = figure["tables"][0]
+    assert [row[:2] for row in best["rows"]] == [[task, name] for task in figure["data"] for name in names]
+    columns, rows, _ = readme.SUMMARIES[ablation.NAME](figure)
+    assert len(rows) == len(best["rows"]) and all(len(row) == len(columns) for row in rows)
+    assert all(row[3] == "1×" for row in rows if row[1] == "AdamW")
 
 
 def test_quick_scaling_splits_the_factors(quick_run: tuple[Path, str]) -> None:

@@ -1,5 +1,6 @@
-"""Figures 1 and 2 checked piece by piece: the char-LM convergence tasks and their learning-rate
-schedule, the peers' matched settings, a failing peer's row, and where the step-time windows start."""
+"""Figures 1 and 2 and the ablation checked piece by piece: the char-LM convergence tasks and their
+learning-rate schedule, the peers' matched settings, a failing peer's row, where the step-time windows
+start, and the ablation's unavailable configurations."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 import torch
 from torch.optim import Optimizer
 
-from benchmarks import convergence, optimizers, schedules, step_time
+from benchmarks import ablation, convergence, optimizers, schedules, step_time
 from benchmarks.harness import Settings, Table
 from benchmarks.models import lm_workload, mlp_workload
 from benchmarks.optimizers import Matched, Peer
@@ -133,6 +134,34 @@ def test_schedule_of_a_task_and_its_bad_input() -> None:
         schedules.WarmupCosine(1, 12, final_fraction=1.5)
     with pytest.raises(ValueError, match="count from 1"):
         schedules.WarmupCosine(1, 12).factor(0)
+
+
+def test_ablation_records_options_the_installed_shampoo_does_not_take() -> None:
+    assert ablation.unavailable({}) == ""
+    assert ablation.unavailable({"no_such_option": 1, "another": 2}) == (
+        "unavailable: Shampoo has no option another, no_such_option")
+    assert ablation.unavailable({"graft": "no_such_graft"}).startswith("unavailable: ValueError: ")
+    task = convergence.digits_task(quick=True, device=CPU)
+    entries = ablation.ablate(task, {"classic": {}, "missing": {"no_such_option": 1}}, CPU)
+    assert list(entries) == ["AdamW", "classic", "missing"]
+    assert entries["missing"] == {"options": {"no_such_option": 1},
+                                  "unavailable": "unavailable: Shampoo has no option no_such_option"}
+    classic = entries["classic"]
+    assert [point["lr"] for point in classic["sweep"]] == list(task.short_lrs["Shampoo"])
+    assert all(point["options"]["precondition_frequency"] == 10 for point in classic["sweep"])
+    rows = {row[1]: row for row in ablation.rows(task.name, entries)}
+    assert rows["AdamW"][5:7] == [1.0, 1.0]
+    assert rows["missing"][2:] == [None] * 5 + [entries["missing"]["unavailable"]]
+    best = classic["best"]
+    assert rows["classic"][2:5] == [best["lr"], best["steps_to_target"], best["seconds_to_target"]]
+
+
+def test_ablation_records_a_configuration_whose_training_fails_as_failed() -> None:
+    task = convergence.digits_task(quick=True, device=CPU)
+    # The constructor takes a refresh policy that raises only when a step asks it.
+    entries = ablation.ablate(task, {"broken": {"refresh_policy": lambda step: 1 // 0}}, CPU)
+    assert entries["broken"]["unavailable"] == "failed: ZeroDivisionError: integer division or modulo by zero"
+    assert "best" in entries["AdamW"]
 
 
 def _frequency_and_more(optimizer: Optimizer) -> dict[str, Any]:
