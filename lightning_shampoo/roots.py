@@ -1,16 +1,18 @@
 """Inverse p-th roots ``(S + εI)^(−1/p)`` of batched symmetric PSD matrices, and their acceptance check.
 
-All arithmetic is float64 whatever the input dtype; the root is cast back to the input dtype at the end.
 The ridge is ``ε`` or, with ``relative_epsilon``, ``ε·λ_max(S)`` per matrix, which caps the condition
 number of ``S + εI`` at about ``1/ε``. The input is never modified (adding the ridge to stored
-statistics in place would accumulate it forever).
+statistics in place would accumulate it forever). The root is returned in the input dtype.
 
 Two methods, both batched over all leading dims (no per-matrix Python loop):
 
-- ``"eigh"``: ``S = Q diag(λ) Qᵀ``; ``root = Q diag((max(λ, 0) + ε)^(−1/p)) Qᵀ``. Negative eigenvalues
-  are roundoff on PSD input and are clamped to 0.
-- ``"newton"``: the coupled Newton iteration of Guo & Higham (2006) on ``A = S + εI``:
-  ``z = (1+p)/(2‖A‖_F)``, ``M₀ = zA``, ``H₀ = z^(1/p) I``; repeat ``T = ((p+1)/p) I − M/p``,
+- ``"eigh"``: ``S = Q diag(λ) Qᵀ`` by :func:`.eigen.checked_eigh` in ``eigh_dtype`` (float64, or float32
+  with a checked float64 fallback per matrix); ``root = Q diag((max(λ, 0) + ε)^(−1/p)) Qᵀ`` for any real
+  ``p > 0``. Negative eigenvalues are roundoff on PSD input and are clamped to 0. With ``pseudo_inverse``
+  the eigenvalues at or below the threshold ``ε`` (``ε·λ_max``) are dropped (their root is 0) and the
+  others are inverted without a ridge: ``Q diag(λ_kept^(−1/p), 0…) Qᵀ``.
+- ``"newton"``: the coupled Newton iteration of Guo & Higham (2006) on ``A = S + εI``, in float64, for an
+  integer ``p``: ``z = (1+p)/(2‖A‖_F)``, ``M₀ = zA``, ``H₀ = z^(1/p) I``; repeat ``T = ((p+1)/p) I − M/p``,
   ``M ← T^p M``, ``H ← H T``. The invariant ``M = H^p A`` makes ``H → A^(−1/p)`` as ``M → I``.
 
 A result is accepted when its root is finite and its residual is at most ``max_residual``.
@@ -20,10 +22,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor
+
+from .eigen import EIGH_DTYPES, checked_eigh, symmetrized, validate_matrices
 
 METHODS = ("eigh", "newton")
 
@@ -45,7 +49,7 @@ class RootResult:
 
 def inverse_pth_root(
     matrices: Tensor,
-    p: int,
+    p: float,
     *,
     epsilon: float,
     relative_epsilon: bool,
@@ -53,42 +57,61 @@ def inverse_pth_root(
     max_residual: float = 0.1,
     newton_tolerance: float = 1e-6,
     newton_max_iterations: int = 100,
+    pseudo_inverse: bool = False,
+    eigh_dtype: torch.dtype = torch.float64,
+    eigh_tolerance: float | None = None,
 ) -> RootResult:
-    """``(S + εI)^(−1/p)`` for every symmetric PSD ``S`` in ``matrices`` ``(..., d, d)``, in float64.
+    """``(S + εI)^(−1/p)``, or its pseudo-inverse form, of every symmetric PSD ``S`` in ``(..., d, d)``.
 
-    ``ε = epsilon`` or, with ``relative_epsilon``, ``epsilon·λ_max(S)`` per matrix (exact from the
-    eigendecomposition for ``"eigh"``, by power iteration for ``"newton"``).
+    ``ε = epsilon`` or, with ``relative_epsilon``, ``epsilon·λ_max(S)`` per matrix (from the
+    eigendecomposition for ``"eigh"``, by power iteration for ``"newton"``). ``p``: any real ``> 0`` for
+    ``"eigh"`` (``2k/m`` for an exponent multiplier ``m``), an integer for ``"newton"``.
+    ``pseudo_inverse``, ``eigh_dtype`` and ``eigh_tolerance`` (the check threshold of the first ``eigh``
+    attempt, see :func:`.eigen.checked_eigh`) apply to ``"eigh"`` only.
 
-    The residual is, for ``"eigh"``, the relative reconstruction error of the decomposition,
-    ``max|Q diag(max(λ,0) + ε) Qᵀ − (S + εI)| / max|S + εI|``: ~1e-15 for a sound decomposition, O(1) for
-    a broken one or for materially indefinite input (which the clamp would silently change). For
-    ``"newton"`` it is ``max|M − I|`` at the returned iterate, i.e. how far ``H^p (S + εI)`` is from ``I``.
+    The residual is, for ``"eigh"``, ``η + ω + ‖min(λ, 0)‖₂/‖λ‖₂``: the decomposition's relative backward
+    error ``‖Q diag(λ) Qᵀ − S‖_F/‖S‖_F`` and loss of orthogonality ``‖QᵀQ − I‖_F`` (both about ``d·u`` or
+    less for a sound one) plus the relative size of the clamped negative eigenvalues. Together they bound
+    the relative distance from ``S`` to the PSD matrix ``Q diag(max(λ, 0)) Qᵀ`` whose root was taken: O(1)
+    for a broken decomposition or materially indefinite input, which the clamp would otherwise silently
+    change. With ``pseudo_inverse`` the same holds; the eigenvalues dropped below the threshold are
+    intended, not counted. For ``"newton"`` it is ``max|M − I|`` at the returned iterate, i.e. how far
+    ``H^p (S + εI)`` is from ``I``.
+
+    Accuracy of ``eigh_dtype=torch.float32`` (unit roundoff ``u = 2⁻²⁴``) against the exact root ``X*`` of
+    the same ``S``: with ``ε' `` the ridge, ``m = λ_min(S) + ε'`` (so ``‖X*‖₂ = m^(−1/p)``),
+    ``δ = η‖S‖_F + ω‖S‖₂`` and ``lo = max(ε', m − δ)``, the computed root satisfies
+
+        ``‖X − X*‖_F / ‖X*‖₂ ≤ (m/lo)^(1/p) · (δ/(p·lo) + ω) + O(d·u)``
+
+    (``x^(−1/p)`` has divided differences at most ``|f'(lo)|`` above ``lo``; ``ω`` bounds the step from ``Q``
+    to the nearest orthogonal matrix). For the ill-conditioned factors the ridge is for (``m ≈ ε·λ_max``,
+    relative ε) this is about ``(η‖S‖_F/‖S‖₂ + ω)/(p·ε)``; the check guarantees ``η, ω ≤ 32·d·u``, and
+    measured values (η ≈ 10–30·u, ω ≈ d·u on CPU) give ``‖X − X*‖₂/‖X*‖₂ ≈ 5–30·u/(p·ε)``: a few
+    percent at ``ε = 1e-6``, about 1e-3 at ``ε = 1e-4``. Float32 statistics accumulated over many steps
+    already move the root by a third to a half of that (see ``benchmarks/roots_bench.py``). A float64
+    ``eigh`` is held to the same bound with ``u = 2⁻⁵³``. With ``pseudo_inverse`` the bound holds for
+    spectra with no eigenvalue within ``δ`` of the threshold (one that crosses it changes the root by
+    O(1) in its direction, whatever the precision).
 
     Non-finite input never raises: its root is NaN, its residual ``+inf``, and it is not accepted; the
     other matrices of the batch are unaffected.
     """
-    _validate(matrices, p, epsilon, method, max_residual, newton_tolerance, newton_max_iterations)
-    d = matrices.shape[-1]
-    flat = matrices.reshape(-1, d, d).to(torch.float64)
-    # Symmetrise so both methods see the same matrix (eigh reads one triangle, Newton all of it);
-    # this also makes a fresh tensor, so nothing below can touch the caller's storage.
-    sym = 0.5 * (flat + flat.mT)
-    identity = torch.eye(d, dtype=torch.float64, device=sym.device)
-    finite_input = sym.isfinite().all(dim=(-2, -1))
-    # Non-finite matrices are swapped for I so one of them cannot break the batched decomposition.
-    safe = torch.where(finite_input[:, None, None], sym, identity)
-
+    p = _validate(matrices, p, epsilon, method, max_residual, newton_tolerance, newton_max_iterations,
+                  pseudo_inverse, eigh_dtype)
     if method == "eigh":
-        root, residual, ok = _eigh_root(safe, p, epsilon, relative_epsilon)
+        safe, finite_input = symmetrized(matrices, eigh_dtype)
+        root, residual, ok = _eigh_root(safe, p, epsilon, relative_epsilon, pseudo_inverse, eigh_tolerance)
     else:
+        safe, finite_input = symmetrized(matrices, torch.float64)
         root, residual, ok = _coupled_newton_root(
             safe, p, epsilon, relative_epsilon, newton_tolerance, newton_max_iterations
         )
     ok = ok & finite_input
     root = torch.where(ok[:, None, None], root, torch.nan).to(matrices.dtype)
-    # Finiteness is checked after the cast: a finite fp64 root can overflow a narrower dtype.
+    # Finiteness is checked after the cast: a finite root can overflow a narrower dtype.
     valid = ok & root.isfinite().all(dim=(-2, -1))
-    residual = torch.where(valid, residual, math.inf)
+    residual = torch.where(valid, residual.to(torch.float64), math.inf)
     accepted = valid & (residual <= max_residual)
     batch_shape = matrices.shape[:-2]
     return RootResult(
@@ -127,29 +150,37 @@ def max_eigenvalue(matrices: Tensor, *, iterations: int = 100, tolerance: float 
 
 def _validate(
     matrices: Tensor,
-    p: int,
+    p: float,
     epsilon: float,
     method: str,
     max_residual: float,
     newton_tolerance: float,
     newton_max_iterations: int,
-) -> None:
-    if matrices.ndim < 2 or matrices.shape[-1] != matrices.shape[-2]:
-        raise ValueError(
-            f"matrices must be square with shape (..., d, d); got {tuple(matrices.shape)}. "
-            "Pass a stack of symmetric matrices."
-        )
-    if not matrices.is_floating_point():
-        raise ValueError(f"matrices must have a floating dtype; got {matrices.dtype}. Cast them first.")
-    if isinstance(p, bool) or not isinstance(p, Integral) or p < 1:
-        raise ValueError(f"p must be an integer >= 1 (the root order; 2k for an order-k tensor); got {p!r}.")
+    pseudo_inverse: bool,
+    eigh_dtype: torch.dtype,
+) -> float | int:
+    """Raise on bad arguments; return ``p`` as used (an ``int`` for ``"newton"``)."""
+    validate_matrices(matrices, "matrices")
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}.")
+    if isinstance(p, bool) or not isinstance(p, Real) or not math.isfinite(p) or p <= 0:
+        raise ValueError(f"p must be a finite number > 0 (the root order, e.g. 2k for k dims); got {p!r}.")
+    if method == "newton":
+        if not float(p).is_integer():
+            raise ValueError(
+                f"method 'newton' needs an integer p (it multiplies by T^p); got p={p!r}. "
+                "Use method='eigh' for a fractional root order."
+            )
+        if pseudo_inverse:
+            raise ValueError("pseudo_inverse needs method='eigh': Newton never sees the eigenvalues to drop.")
+        p = int(p)
     if not math.isfinite(epsilon) or epsilon < 0:
         raise ValueError(
             f"epsilon must be finite and >= 0; got {epsilon}. Use a small positive ridge such as 1e-6 "
             "(relative) or 1e-12 (absolute)."
         )
+    if eigh_dtype not in EIGH_DTYPES:
+        raise ValueError(f"eigh_dtype must be one of {EIGH_DTYPES}; got {eigh_dtype}.")
     if not max_residual >= 0:
         raise ValueError(f"max_residual must be >= 0; got {max_residual}.")
     if not newton_tolerance > 0:
@@ -158,6 +189,7 @@ def _validate(
         raise ValueError(f"newton_max_iterations must be an integer; got {newton_max_iterations!r}.")
     if newton_max_iterations < 1:
         raise ValueError(f"newton_max_iterations must be >= 1; got {newton_max_iterations}.")
+    return p
 
 
 def _ridge(largest: Tensor, epsilon: float, relative: bool) -> Tensor:
@@ -165,43 +197,26 @@ def _ridge(largest: Tensor, epsilon: float, relative: bool) -> Tensor:
     return epsilon * largest if relative else torch.full_like(largest, epsilon)
 
 
-def _eigh_root(matrices: Tensor, p: int, epsilon: float, relative: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Root, reconstruction residual and decomposition-succeeded mask for finite fp64 ``(n, d, d)``."""
-    eigenvalues, vectors, ok = _eigh_with_fallback(matrices)
-    eigenvalues = eigenvalues.clamp_min(0.0)
-    ridge = _ridge(eigenvalues.amax(dim=-1), epsilon, relative)
-    shifted = eigenvalues + ridge[:, None]
-    root = (vectors * shifted.pow(-1.0 / p)[:, None, :]) @ vectors.mT
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    regularized = matrices + ridge[:, None, None] * identity
-    reconstruction = (vectors * shifted[:, None, :]) @ vectors.mT
-    # The scale is 0 only for a zero matrix with zero ridge, whose root is infinite anyway.
-    scale = regularized.abs().amax(dim=(-2, -1)).clamp_min(torch.finfo(matrices.dtype).tiny)
-    residual = (reconstruction - regularized).abs().amax(dim=(-2, -1)) / scale
-    return root, residual, ok
-
-
-def _eigh_with_fallback(matrices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Batched ``eigh``; if it fails, retry matrix by matrix so one bad matrix fails alone.
-
-    Failed matrices get eigenvalues 0 and ``Q = I`` as placeholders and ``ok = False``.
-    """
-    n, d = matrices.shape[0], matrices.shape[-1]
-    try:
-        eigenvalues, vectors = torch.linalg.eigh(matrices)
-        return eigenvalues, vectors, torch.ones(n, dtype=torch.bool, device=matrices.device)
-    except torch.linalg.LinAlgError:
-        pass
-    eigenvalues = matrices.new_zeros(n, d)
-    vectors = torch.eye(d, dtype=matrices.dtype, device=matrices.device).repeat(n, 1, 1)
-    ok = torch.zeros(n, dtype=torch.bool, device=matrices.device)
-    for i in range(n):
-        try:
-            eigenvalues[i], vectors[i] = torch.linalg.eigh(matrices[i])
-            ok[i] = True
-        except torch.linalg.LinAlgError:
-            continue
-    return eigenvalues, vectors, ok
+def _eigh_root(
+    matrices: Tensor, p: float, epsilon: float, relative: bool, pseudo_inverse: bool, tolerance: float | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Root, residual and decomposition-passed mask for finite symmetric ``(n, d, d)`` (compute dtype)."""
+    decomposition = checked_eigh(matrices, dtype=matrices.dtype, tolerance=tolerance)
+    eigenvalues, vectors = decomposition.values, decomposition.vectors
+    clamped = eigenvalues.clamp_min(0.0)
+    ridge = _ridge(clamped.amax(dim=-1), epsilon, relative)
+    if pseudo_inverse:
+        kept = clamped > ridge[:, None]
+        inverted = torch.where(kept, clamped, 1.0).pow(-1.0 / p) * kept
+    else:
+        inverted = (clamped + ridge[:, None]).pow(-1.0 / p)
+    root = (vectors * inverted[:, None, :]) @ vectors.mT
+    # In float64: squares of float32 eigenvalues can leave its range.
+    wide = eigenvalues.to(torch.float64)
+    norm = torch.linalg.vector_norm(wide, dim=-1).clamp_min(torch.finfo(torch.float64).tiny)
+    clamp = torch.linalg.vector_norm(wide.clamp_max(0.0), dim=-1) / norm
+    residual = decomposition.backward_error.double() + decomposition.orthogonality.double() + clamp
+    return root, residual, decomposition.ok
 
 
 def _coupled_newton_root(

@@ -318,8 +318,12 @@ def test_max_eigenvalue_matches_eigvalsh():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        ({"p": 0}, "p must be an integer >= 1"),
-        ({"p": 2.5}, "p must be an integer >= 1"),
+        ({"p": 0}, "p must be a finite number > 0"),
+        ({"p": -0.5}, "p must be a finite number > 0"),
+        ({"p": math.inf}, "p must be a finite number > 0"),
+        ({"p": 2.5, "method": "newton"}, "'newton' needs an integer p"),
+        ({"pseudo_inverse": True, "method": "newton"}, "pseudo_inverse needs method='eigh'"),
+        ({"eigh_dtype": torch.float16}, "eigh_dtype must be one of"),
         ({"method": "svd"}, "method must be one of"),
         ({"epsilon": -1e-6}, "epsilon must be finite and >= 0"),
         ({"epsilon": math.nan}, "epsilon must be finite and >= 0"),
@@ -335,3 +339,156 @@ def test_invalid_arguments_raise(kwargs, match):
     args = {"matrices": torch.eye(3), "p": 2, "epsilon": 1e-6, "relative_epsilon": True, **kwargs}
     with pytest.raises(ValueError, match=match):
         inverse_pth_root(**args)
+
+
+# ------------------------------------------------------------- fractional exponents and pseudo-inverse
+
+
+@pytest.mark.parametrize("p", [0.5, 1.5, 8 / 3, 3.0, 6.0])
+@pytest.mark.parametrize("relative, epsilon", [(True, 1e-6), (False, 1e-13)])
+def test_fractional_root_matches_reference(p, relative, epsilon):
+    # Exponent multipliers give p = 2k/m: −1/2 and −1/3 per factor are p = 2 and 3, p = 8/3 is m = 3/2.
+    gen = torch.Generator().manual_seed(int(100 * p) + relative)
+    s = _spectrum(3, 24, 1e6, gen)
+    _check_against_reference(s, _orthogonal(3, 24, gen), p, epsilon, relative, "eigh")
+
+
+def test_newton_takes_an_integral_float_p():
+    gen = torch.Generator().manual_seed(18)
+    a = _compose(_orthogonal(2, 10, gen), _spectrum(2, 10, 1e3, gen))
+    kwargs = {"epsilon": 1e-6, "relative_epsilon": True, "method": "newton"}
+    assert torch.equal(inverse_pth_root(a, 4.0, **kwargs).root, inverse_pth_root(a, 4, **kwargs).root)
+
+
+def _pseudo_reference(q: torch.Tensor, s: torch.Tensor, p: float) -> torch.Tensor:
+    kept = s > 0
+    return _compose(q, torch.where(kept, s, 1.0).pow(-1.0 / p) * kept)
+
+
+@pytest.mark.parametrize("relative, epsilon", [(True, 1e-6), (False, 1e-8)])
+@pytest.mark.parametrize("p", [2, 4, 1.5])
+def test_pseudo_inverse_root_matches_reference_and_annihilates_the_null_space(p, relative, epsilon):
+    gen = torch.Generator().manual_seed(19 + int(2 * p))
+    for d, rank in [(8, 1), (33, 10), (64, 48)]:
+        s = _spectrum(2, d, 1e3, gen, rank=rank)  # kept eigenvalues ≥ 1e-3, far above either threshold
+        q = _orthogonal(2, d, gen)
+        result = inverse_pth_root(_compose(q, s), p, epsilon=epsilon, relative_epsilon=relative,
+                                  pseudo_inverse=True)
+        assert result.accepted.all() and (result.residual <= 1e-12).all()
+        kappa = s[:, 0] / s[:, rank - 1]  # of the kept part: the null part is not inverted
+        error = _relative_error(result.root, _pseudo_reference(q, s, p))
+        assert (error <= 10 * kappa * UNIT_ROUNDOFF + 1e-12).all(), (error, kappa)
+        null = q[..., rank:]
+        leak = torch.linalg.matrix_norm(result.root @ null) / torch.linalg.matrix_norm(result.root, ord=2)
+        assert (leak <= 10 * kappa * UNIT_ROUNDOFF * math.sqrt(d)).all(), leak
+
+
+def test_pseudo_inverse_drops_exactly_the_eigenvalues_at_or_below_the_threshold():
+    gen = torch.Generator().manual_seed(20)
+    s = torch.tensor([[4.0, 1.0, 1e-3, 2e-4, 1e-5, 0.0]], dtype=torch.float64)
+    q = _orthogonal(1, 6, gen)
+    result = inverse_pth_root(_compose(q, s), 2, epsilon=1e-4, relative_epsilon=True, pseudo_inverse=True)
+    # Threshold 1e-4·λ_max = 4e-4: 1e-3 is kept, 2e-4 and below are dropped.
+    expected = _compose(q, torch.tensor([[0.5, 1.0, 1e-3**-0.5, 0.0, 0.0, 0.0]], dtype=torch.float64))
+    assert _relative_error(result.root, expected) <= 1e-11
+
+
+def test_pseudo_inverse_rejects_materially_indefinite_input_and_returns_zero_for_zero():
+    gen = torch.Generator().manual_seed(21)
+    s = torch.tensor([[1.0, 0.3, -0.5, 0.0, 0.0]], dtype=torch.float64)
+    result = inverse_pth_root(_compose(_orthogonal(1, 5, gen), s), 2, epsilon=1e-6, relative_epsilon=True,
+                              pseudo_inverse=True)
+    assert not result.accepted.any() and (result.residual > 0.1).all()  # the dropped −0.5 is not roundoff
+    zero = inverse_pth_root(torch.zeros(4, 4), 2, epsilon=1e-6, relative_epsilon=True, pseudo_inverse=True)
+    assert zero.accepted.item() and torch.equal(zero.root, torch.zeros(4, 4))
+
+
+# ---------------------------------------------------------------------------------- float32 eigh
+
+
+U32 = 2.0**-24
+
+
+def _contract_bound(a32, a, s, p, ridge, eta, omega):
+    """The docstring's bound on ‖X − X*‖_F/‖X*‖₂ for X* the exact root of the fp64 ``a``.
+
+    δ bounds ‖S̃ − S‖_F for the symmetric matrix S̃ that the float32 decomposition exactly diagonalizes:
+    its backward error, the step to orthonormal vectors, and the rounding of ``a`` to float32.
+    """
+    norm_f = torch.linalg.matrix_norm(a)
+    delta = eta * norm_f + omega * s.amax(dim=-1) + torch.linalg.matrix_norm(a32.double() - a)
+    m = s.clamp_min(0).amin(dim=-1) + ridge
+    lo = torch.maximum(ridge, m - delta)
+    d = a.shape[-1]
+    return (m / lo).pow(1.0 / p) * (delta / (p * lo) + omega) + 4 * d * U32
+
+
+@pytest.mark.parametrize("d", [16, 64, 256])
+@pytest.mark.parametrize("epsilon", [1e-3, 1e-5])
+@pytest.mark.parametrize("p", [2, 4, 1.5])
+def test_float32_eigh_root_meets_its_accuracy_contract(d, epsilon, p):
+    from lightning_shampoo.eigen import check_threshold, checked_eigh
+
+    gen = torch.Generator().manual_seed(d + int(1e6 * epsilon) + int(10 * p))
+    conditions = [1e2, 1e4, 1e8]
+    s = torch.cat([_spectrum(1, d, c, gen) for c in conditions])
+    q = _orthogonal(len(conditions), d, gen)
+    a = _compose(q, s)
+    a32 = a.float()  # the optimizer's factors are float32
+    result = inverse_pth_root(a32, p, epsilon=epsilon, relative_epsilon=True, eigh_dtype=torch.float32)
+    assert result.accepted.all() and result.root.dtype == torch.float32
+    ridge = epsilon * s.amax(dim=-1)
+    reference = _compose(q, (s + ridge[:, None]).pow(-1.0 / p))
+    scale = torch.linalg.matrix_norm(reference, ord=2)
+    error = torch.linalg.matrix_norm(result.root.double() - reference) / scale
+    decomposition = checked_eigh(0.5 * (a32 + a32.mT), dtype=torch.float32)  # what inverse_pth_root saw
+    eta, omega = decomposition.backward_error.double(), decomposition.orthogonality.double()
+    tau = check_threshold(d, torch.float32)
+    assert (eta <= tau).all() and (omega <= tau).all()  # the check's guarantee: the a-priori form rests on it
+    bound = _contract_bound(a32, a, s, p, ridge, eta, omega)
+    assert (error <= bound).all(), (error, bound)
+    # The residual: η + ω + the relative size of the clamped negative eigenvalues (roundoff-sized here).
+    values = decomposition.values.double()
+    clamped = torch.linalg.vector_norm(values.clamp_max(0), dim=-1) / torch.linalg.vector_norm(values, dim=-1)
+    torch.testing.assert_close(result.residual, eta + omega + clamped, rtol=1e-12, atol=0.0)
+    assert (clamped <= 2 * eta + omega).all()
+    # Typical accuracy in the spectral norm, as the docstring quotes it: measured ≤ 17·u/(p·ε) here and
+    # ≤ 30·u/(p·ε) up to d = 1024 (ε relative to λ_min + ridge, which is ε for ill-conditioned S).
+    spectral = torch.linalg.matrix_norm(result.root.double() - reference, ord=2) / scale
+    epsilon_effective = (s.amin(dim=-1) + ridge) / s.amax(dim=-1)
+    assert (spectral <= 64 * U32 / (p * epsilon_effective) + 4 * d * U32).all()
+
+
+def test_float32_eigh_with_forced_fallback_has_float64_accuracy():
+    gen = torch.Generator().manual_seed(22)
+    d = 48
+    a = _compose(_orthogonal(3, d, gen), _spectrum(3, d, 1e8, gen)).float()
+    kwargs = {"epsilon": 1e-6, "relative_epsilon": True}
+    wide = inverse_pth_root(a, 4, **kwargs)
+    fast = inverse_pth_root(a, 4, eigh_dtype=torch.float32, **kwargs)
+    forced = inverse_pth_root(a, 4, eigh_dtype=torch.float32, eigh_tolerance=1e-12, **kwargs)
+    assert forced.accepted.all() and fast.accepted.all()
+    # A float64 decomposition rounded to float32 gives each eigenvalue to float32's relative precision, so the
+    # root is as good as float64's up to the last rounding (≤ 1e-6 here), far better than the float32 solver
+    # (a few percent at ε = 1e-6, see test_float32_eigh_root_meets_its_accuracy_contract).
+    assert (_relative_error(forced.root.double(), wide.root.double()) <= 1e-6).all()
+    assert (_relative_error(fast.root.double(), wide.root.double()) > 1e-4).all()
+
+
+def test_float32_eigh_is_deterministic_batched_and_isolates_non_finite_input():
+    gen = torch.Generator().manual_seed(23)
+    d = 20
+    a = _compose(_orthogonal(4, d, gen), _spectrum(4, d, 1e5, gen)).float()
+    poisoned = a.clone()
+    poisoned[2, 1, 1] = math.nan
+    before = poisoned.clone()
+    kwargs = {"epsilon": 1e-5, "relative_epsilon": True, "eigh_dtype": torch.float32}
+    first, second = inverse_pth_root(poisoned, 2, **kwargs), inverse_pth_root(poisoned, 2, **kwargs)
+    torch.testing.assert_close(poisoned, before, rtol=0.0, atol=0.0, equal_nan=True)  # untouched
+    torch.testing.assert_close(first.root, second.root, rtol=0.0, atol=0.0, equal_nan=True)  # same bits
+    assert torch.isnan(first.root[2]).all()
+    assert torch.equal(first.residual, second.residual)
+    assert first.accepted.tolist() == [True, True, False, True]
+    for i in (0, 1, 3):
+        single = inverse_pth_root(a[i], 2, **kwargs)
+        torch.testing.assert_close(first.root[i], single.root, rtol=1e-6, atol=0.0)
