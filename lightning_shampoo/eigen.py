@@ -39,8 +39,8 @@ class Eigendecomposition:
     values: ``(n, d)`` ascending; vectors: ``(n, d, d)``, column ``i`` belongs to ``values[:, i]``; both in
         the compute dtype (a float64 fallback is rounded to it). Placeholders ``0`` and ``I`` where ``ok``
         is False because no decomposition could be computed.
-    backward_error: ``(n,)`` η of the returned decomposition, in the compute dtype.
-    orthogonality: ``(n,)`` ω of the returned vectors, in the compute dtype.
+    backward_error: ``(n,)`` float64, η of the returned decomposition.
+    orthogonality: ``(n,)`` float64, ω of the returned vectors.
     ok: ``(n,)`` the decomposition passed its check (the float64 one's, where it fell back).
     fallback: ``(n,)`` recomputed in float64 because the first attempt failed its check or raised.
     """
@@ -101,9 +101,12 @@ def symmetrized(matrices: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     d = matrices.shape[-1]
     flat = matrices.reshape(-1, d, d).to(dtype)
     sym = 0.5 * (flat + flat.mT)
-    finite = sym.isfinite().all(dim=(-2, -1))
-    identity = torch.eye(d, dtype=dtype, device=sym.device)
-    return torch.where(finite[:, None, None], sym, identity), finite
+    # One reduction instead of an elementwise isfinite: NaN and ±inf survive a float64 sum, which cannot
+    # overflow for float32 or float64 entries of a real factor.
+    finite = sym.sum(dim=(-2, -1), dtype=torch.float64).isfinite()
+    if not finite.all():
+        sym[~finite] = torch.eye(d, dtype=dtype, device=sym.device)
+    return sym, finite
 
 
 def checked_eigh(matrices: Tensor, *, dtype: torch.dtype = torch.float32,
@@ -134,27 +137,34 @@ def checked_eigh(matrices: Tensor, *, dtype: torch.dtype = torch.float32,
         values[index], vectors[index] = wide_values.to(dtype), wide_vectors.to(dtype)
         rounded = decomposition_errors(sym[index], values[index], vectors[index])
         backward[index], orthogonality[index] = rounded
-        ok[index] = wide_ok & backward[index].isfinite() & orthogonality[index].isfinite()
+        ok[index] = wide_ok & rounded[0].isfinite() & rounded[1].isfinite()
     return Eigendecomposition(values, vectors, backward, orthogonality, ok, fallback)
 
 
 def decomposition_errors(matrices: Tensor, values: Tensor, vectors: Tensor) -> tuple[Tensor, Tensor]:
-    """``(η, ω)`` of ``(values, vectors)`` as a decomposition of ``matrices``, each ``(n,)``."""
+    """``(η, ω)`` of ``(values, vectors)`` as a decomposition of ``matrices``, each ``(n,)`` float64."""
     reconstruction = torch.baddbmm(matrices, vectors * values[:, None, :], vectors.mT, beta=-1)
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    gram = torch.baddbmm(identity, vectors.mT, vectors, beta=-1)
-    return relative_frobenius(reconstruction, matrices), torch.linalg.matrix_norm(gram)
+    return relative_frobenius(reconstruction, matrices), _orthogonality(vectors)
 
 
 def relative_frobenius(error: Tensor, reference: Tensor) -> Tensor:
-    """``‖error‖_F / ‖reference‖_F`` per matrix, ``0`` where both are 0.
+    """``‖error‖_F / ‖reference‖_F`` per matrix, float64, ``0`` where both are 0."""
+    return frobenius(error) / frobenius(reference).clamp_min(torch.finfo(torch.float64).tiny)
 
-    Both are divided by ``max|reference|`` first: squares of float32 statistics (entries of 1e-20 are
-    ordinary for small gradients) would underflow, or overflow for large ones.
+
+def frobenius(matrices: Tensor) -> Tensor:
+    """``‖X‖_F`` per matrix, float64, safe from under- and overflow of the sum of squares.
+
+    Squares of float32 statistics leave float32's range for entries below ~1e-19 or above ~1e19 (entries of
+    1e-20 are ordinary for small gradients): matrices whose norm comes out near those limits are summed
+    again in float64, the rest cost one fast pass.
     """
-    scale = reference.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(reference.dtype).tiny)
-    denominator = torch.linalg.matrix_norm(reference / scale).clamp_min(torch.finfo(reference.dtype).tiny)
-    return torch.linalg.matrix_norm(error / scale) / denominator
+    norm = torch.linalg.matrix_norm(matrices).to(torch.float64)
+    info = torch.finfo(matrices.dtype)
+    risky = ~((norm >= math.sqrt(info.tiny) / info.eps) & (norm <= math.sqrt(info.max) * info.eps))
+    if risky.any():
+        norm[risky] = torch.linalg.vector_norm(matrices[risky], dim=(-2, -1), dtype=torch.float64)
+    return norm
 
 
 def _passes(backward: Tensor, orthogonality: Tensor, threshold: float) -> Tensor:
@@ -229,37 +239,30 @@ def eigenbasis(
     batch_shape = factors.shape[:-2]
     matrices, finite = symmetrized(factors, dtype)
     n = matrices.shape[0]
-    threshold = check_threshold(d, dtype)
-    basis = torch.full_like(matrices, math.nan)
+    basis = torch.empty_like(matrices)
     residual = torch.full((n,), math.inf, dtype=torch.float64, device=matrices.device)
     accepted = torch.zeros(n, dtype=torch.bool, device=matrices.device)
     kept = torch.zeros_like(accepted)
-    pending = finite.clone()
+    full = finite.clone()  # cleared below for the matrices the warm start serves
     if previous is not None:
+        index = finite.nonzero().squeeze(-1)
         start = previous.reshape(-1, d, d).to(dtype)
-        index = (finite & start.isfinite().all(dim=(-2, -1))).nonzero().squeeze(-1)
-        if index.numel():
-            warm_basis, warm_residual, done, warm_kept = _warm_start(
-                matrices[index], start[index], tolerance, restart, power_iterations, threshold
-            )
-            index, warm_basis, warm_kept = index[done], warm_basis[done], warm_kept[done]
-            basis[index], residual[index], kept[index] = warm_basis, warm_residual[done].double(), warm_kept
-            accepted[index] = True
-            pending[index] = False
-    full = pending
+        warm = _warm_start(matrices[index], start[index], tolerance, restart, power_iterations,
+                           check_threshold(d, dtype))
+        index = index[warm.done]
+        basis[index], residual[index] = warm.basis[warm.done], warm.mass[warm.done]
+        kept[index], accepted[index], full[index] = warm.kept[warm.done], True, False
     index = full.nonzero().squeeze(-1)
     if index.numel():
         decomposition = checked_eigh(matrices[index], dtype=dtype)
         basis[index] = decomposition.vectors.flip(-1)
-        residual[index] = decomposition.backward_error.double()
+        residual[index] = decomposition.backward_error
         accepted[index] = decomposition.ok
-    result = torch.where(accepted[:, None, None], basis, math.nan).to(factors.dtype)
-    # Finiteness after the cast, as for roots: a narrower dtype could overflow (it cannot for |Q| ≤ 1,
-    # but NaN placeholders must not be accepted either way).
-    accepted = accepted & result.isfinite().all(dim=(-2, -1))
-    residual = torch.where(accepted, residual, math.inf)
+    # Every accepted basis passed an orthonormality check, so it is finite; |Q| ≤ 1 survives any cast.
+    basis[~accepted] = math.nan
+    residual[~accepted] = math.inf
     return BasisResult(
-        basis=result.reshape(factors.shape),
+        basis=basis.to(factors.dtype).reshape(factors.shape),
         residual=residual.reshape(batch_shape),
         accepted=accepted.reshape(batch_shape),
         full=full.reshape(batch_shape),
@@ -268,21 +271,31 @@ def eigenbasis(
 
 
 def off_diagonal_mass(projected: Tensor, matrices: Tensor) -> Tensor:
-    """``c = ‖B − diag(B)‖_F / ‖S‖_F`` per matrix for ``B = Qᵀ S Q`` (``projected``) and ``S``."""
-    off = projected - torch.diag_embed(torch.diagonal(projected, dim1=-2, dim2=-1))
+    """``c = ‖B − diag(B)‖_F / ‖S‖_F`` per matrix (float64) for ``B = Qᵀ S Q`` (``projected``) and ``S``."""
+    off = projected.clone()
+    off.diagonal(dim1=-2, dim2=-1).zero_()
     return relative_frobenius(off, matrices)
+
+
+@dataclass(frozen=True)
+class _Warm:
+    """The warm path's outcome per matrix: ``done`` ones need no full decomposition."""
+
+    basis: Tensor
+    mass: Tensor
+    done: Tensor
+    kept: Tensor
 
 
 def _warm_start(
     matrices: Tensor, start: Tensor, tolerance: float, restart: float, iterations: int, threshold: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Warm path for finite ``matrices`` and ``start`` bases ``(m, d, d)``: basis, ``c``, done, kept.
+) -> _Warm:
+    """Keep, or power-iterate from, the ``start`` bases of finite ``matrices`` ``(m, d, d)``.
 
-    ``done`` marks the matrices whose returned basis is final (kept, or a warm result that passed the
-    orthonormality check); the others need a full decomposition.
+    ``done``: kept, or warm results that passed the orthonormality check. A start that is not orthonormal
+    (or not finite: its check is NaN) is neither; its matrix needs a full decomposition.
     """
-    identity = torch.eye(matrices.shape[-1], dtype=matrices.dtype, device=matrices.device)
-    orthonormal = torch.linalg.matrix_norm(torch.baddbmm(identity, start.mT, start, beta=-1)) <= threshold
+    orthonormal = _orthogonality(start) <= threshold
     product = matrices @ start
     projected = start.mT @ product
     mass = off_diagonal_mass(projected, matrices)
@@ -302,10 +315,14 @@ def _warm_start(
         mass[index] = off_diagonal_mass(projected[index], matrices[index])
         active[index] = mass[index] > tolerance
     index = warm.nonzero().squeeze(-1)
-    if index.numel():
-        gram = torch.baddbmm(identity, basis[index].mT, basis[index], beta=-1)
-        warm[index] = (torch.linalg.matrix_norm(gram) <= threshold) & mass[index].isfinite()
-    return basis, mass, kept | warm, kept
+    warm[index] = (_orthogonality(basis[index]) <= threshold) & mass[index].isfinite()
+    return _Warm(basis, mass, kept | warm, kept)
+
+
+def _orthogonality(vectors: Tensor) -> Tensor:
+    """``ω = ‖QᵀQ − I‖_F`` per matrix, float64."""
+    identity = torch.eye(vectors.shape[-1], dtype=vectors.dtype, device=vectors.device)
+    return frobenius(torch.baddbmm(identity, vectors.mT, vectors, beta=-1))
 
 
 def _power_step(product: Tensor, projected: Tensor) -> Tensor:
