@@ -30,7 +30,10 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from . import statedict
 from .optimizer import Shampoo
 
-_RESULT_FIELDS = {"root": ("root", "residual", "accepted"), "basis": ("basis", "residual", "accepted")}
+_RESULT_FIELDS = {
+    "root": ("root", "residual", "accepted"),
+    "basis": ("basis", "residual", "accepted", "full", "kept"),
+}
 
 
 def encode(value: Any) -> Tensor:
@@ -158,7 +161,7 @@ def _template(
             continue
         stack = fresh.get(int(index)) or optimizer.fresh_state(int(index))
         like = stack[f"factor_{factor}"]
-        if field in ("residual", "accepted"):
+        if field in ("residual", "accepted", "full", "kept"):  # one value per block
             local = layout.import_(like)
             rows = torch.empty(local.shape[0], dtype=item.properties.dtype, device=local.device)
             template[name] = layout.export(params[int(index)], rows, per_block=True)

@@ -74,6 +74,10 @@ class Shampoo(Optimizer):
         max_preconditioned_dim: dims larger than this keep an identity factor (e.g. vocabularies).
         precondition_1d: give order-1 parameters (biases, norms) a factor; else the diagonal method only.
         max_root_residual: reject a root whose residual check exceeds this.
+        eigh_dtype: precision of the refresh's eigendecompositions: float32, each checked and recomputed
+            in float64 where it fails (about 2× cheaper), or float64 (:mod:`.eigen`).
+        basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
+            this is kept, up to 10× it refined by a power step + QR, beyond that recomputed; 0: recomputed.
         refresh: ``"sync"`` (inside ``step()``), ``"async"`` (a background CPU thread; installed exactly
             ``refresh_lag`` steps after the snapshot: bitwise ``"sync"`` with the same lag) or
             ``"best_effort"`` (installed when ready, at most ``refresh_lag`` steps late). See :mod:`.refresh`.
@@ -112,6 +116,8 @@ class Shampoo(Optimizer):
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
         max_root_residual: float = 0.1,
+        eigh_dtype: torch.dtype = torch.float32,
+        basis_tolerance: float = 0.01,
         refresh: str = "sync",
         refresh_lag: int | None = None,
         refresh_policy: RefreshPolicy | Callable[[int], bool] | None = None,
@@ -130,8 +136,9 @@ class Shampoo(Optimizer):
         )  # fmt: skip
         validate_group(defaults)
         self.options = StepOptions(
-            preconditioner, inverse_root, max_root_residual, statistics_frequency, check_finite, distribute
-        )
+            preconditioner, inverse_root, max_root_residual, statistics_frequency, check_finite, distribute,
+            eigh_dtype, basis_tolerance,
+        )  # fmt: skip
         self.refresh_options = RefreshOptions.from_arguments(
             refresh, refresh_lag, refresh_policy, refresh_threads, precondition_frequency,
             start_preconditioning_step,
@@ -473,7 +480,10 @@ class Shampoo(Optimizer):
         self._layout = None
 
     def _new_engine(self) -> RefreshEngine:
-        settings = RefreshSettings(self.options.inverse_root, self.options.max_root_residual)
+        options = self.options
+        settings = RefreshSettings(
+            options.inverse_root, options.max_root_residual, options.eigh_dtype, options.basis_tolerance
+        )
         refresh = self.refresh_options
         return RefreshEngine(settings, refresh.mode, refresh.lag, refresh.threads)
 

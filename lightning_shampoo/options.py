@@ -11,7 +11,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from . import grafting
+from .eigen import EIGH_DTYPES
 from .layout import DISTRIBUTE_MODES
 from .refresh import MODES, EveryNSteps, FunctionPolicy, RefreshPolicy
 
@@ -141,6 +144,8 @@ class StepOptions:
     statistics_frequency: int
     check_finite: bool
     distribute: str
+    eigh_dtype: torch.dtype = torch.float32
+    basis_tolerance: float = 0.01
 
     def __post_init__(self) -> None:
         require(
@@ -159,4 +164,12 @@ class StepOptions:
         require(
             self.distribute in DISTRIBUTE_MODES,
             f"distribute must be one of {DISTRIBUTE_MODES}, got {self.distribute!r}",
+        )
+        require(
+            self.eigh_dtype in EIGH_DTYPES, f"eigh_dtype must be one of {EIGH_DTYPES}, got {self.eigh_dtype}"
+        )
+        require(
+            0 <= self.basis_tolerance < 1,
+            f"basis_tolerance must be in [0, 1) (0: a full eigendecomposition every refresh), got "
+            f"{self.basis_tolerance}",
         )

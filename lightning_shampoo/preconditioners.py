@@ -234,8 +234,9 @@ class EigenvalueCorrected(Preconditioner):
         new = result.basis.to(basis.device, basis.dtype, non_blocking=True)
         accepted = result.accepted.to(basis.device, non_blocking=True).view(-1, 1, 1)
         g, dim = (int(part) for part in name.split("_"))
-        # R = Q_newᵀ Q_old re-projects the moments into the new basis (identity where rejected).
-        rotation = torch.where(accepted, new.mT @ basis, torch.eye(basis.shape[-1], device=basis.device))
+        # R = Q_newᵀ Q_old re-projects the moments into the new basis; exactly I where the basis stays.
+        moved = accepted & ~result.kept.to(basis.device, non_blocking=True).view(-1, 1, 1)
+        rotation = torch.where(moved, new.mT @ basis, torch.eye(basis.shape[-1], device=basis.device))
         factors: list[Tensor | None] = [None] * len(plan.groups[g].block_shape)
         for key, matrix in (("exp_avg", rotation), ("exp_avg_sq", rotation.square())):
             stacks = plan.split(state[key])

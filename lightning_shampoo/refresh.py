@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .eigen import BasisResult, eigenbasis
 from .roots import RootResult, inverse_pth_root
 
 MODES = ("sync", "async", "best_effort")
@@ -63,15 +64,6 @@ Request = RootRequest | BasisRequest
 _REQUESTS: dict[str, type] = {"root": RootRequest, "basis": BasisRequest}
 
 
-@dataclass(frozen=True)
-class BasisResult:
-    """Eigenbases of a batch of factors and their checks (see :func:`compute_refresh`)."""
-
-    basis: Tensor
-    residual: Tensor
-    accepted: Tensor
-
-
 Result = RootResult | BasisResult
 _RESULTS: dict[str, type] = {"root": RootResult, "basis": BasisResult}
 
@@ -92,10 +84,14 @@ class FactorSnapshot:
 
 @dataclass(frozen=True)
 class RefreshSettings:
-    """Optimizer-wide settings of the refresh computation."""
+    """Optimizer-wide settings of the refresh computation: the inverse-root method and its acceptance
+    bound, the precision of the eigendecompositions (float32 with a checked float64 fallback, or
+    float64), and how far a previous eigenbasis may drift before it is refined (see :mod:`.eigen`)."""
 
     inverse_root: str = "eigh"
     max_root_residual: float = 0.1
+    eigh_dtype: torch.dtype = torch.float32
+    basis_tolerance: float = 0.01
 
 
 def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) -> list[Result]:
@@ -115,28 +111,20 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
                 relative_epsilon=request.relative_epsilon,
                 method=settings.inverse_root,
                 max_residual=settings.max_root_residual,
+                pseudo_inverse=request.pseudo_inverse,
+                eigh_dtype=settings.eigh_dtype,
             )
         else:
             previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
-            batch = _eigenbasis(stacked, previous)
+            tolerance = settings.basis_tolerance
+            batch = eigenbasis(
+                stacked, previous, tolerance=tolerance, restart=10 * tolerance, dtype=settings.eigh_dtype
+            )
         sizes = [snapshots[i].matrices.shape[0] for i in members]
         parts = [value.split(sizes) for value in _fields(batch).values()]
         for i, *values in zip(members, *parts, strict=True):
             results[i] = type(batch)(*values)
     return results  # type: ignore[return-value]
-
-
-def _eigenbasis(factors: Tensor, previous: Tensor | None) -> BasisResult:
-    d = factors.shape[-1]
-    sym = factors.double()
-    sym = 0.5 * (sym + sym.mT)
-    finite = sym.isfinite().all(dim=(-2, -1))
-    identity = torch.eye(d, dtype=torch.float64)
-    _, vectors = torch.linalg.eigh(torch.where(finite[:, None, None], sym, identity))
-    basis = vectors.to(factors.dtype)
-    residual = (basis.double().mT @ basis.double() - identity).abs().amax(dim=(-2, -1))
-    accepted = finite & basis.isfinite().all(dim=(-2, -1))
-    return BasisResult(basis, torch.where(accepted, residual, torch.inf), accepted)
 
 
 def _fields(result: Result) -> dict[str, Tensor]:
