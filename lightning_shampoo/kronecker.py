@@ -4,6 +4,11 @@ A stack ``X`` has shape ``(n, d_1, …, d_k)``. Its mode-i unfolding ``X₍ᵢ�
 and flattens the rest, ``(n, d_i, ∏_{j≠i} d_j)``; the mode-i product ``X ×ᵢ P`` is the tensor whose
 mode-i unfolding is ``P X₍ᵢ₎``. For a 2-D block these are the familiar ``L = G Gᵀ``, ``R = Gᵀ G`` and
 ``P_L X P_R``. Dims whose factor is ``None`` are left alone (identity).
+
+Factors may be stored in bfloat16 (``Shampoo(factor_dtype=torch.bfloat16)``): the statistics are then
+accumulated in float32 and written back with stochastic rounding, which keeps the EMA unbiased (rounding
+to nearest would freeze it: with β2 = 0.999 an update is smaller than half a bfloat16 ulp). Mode products
+run in the dtype of the matrices they multiply by (bfloat16 ones on bfloat16 tensor cores / AMX units).
 """
 
 from __future__ import annotations
@@ -23,17 +28,53 @@ def mode_unfold(stack: Tensor, dim: int) -> Tensor:
     return moved.reshape(moved.shape[0], moved.shape[1], -1)
 
 
-def update_statistics(factors: Sequence[Tensor | None], grad_stack: Tensor, beta2: float) -> None:
+def update_statistics(
+    factors: Sequence[Tensor | None],
+    grad_stack: Tensor,
+    beta2: float,
+    generator: torch.Generator | None = None,
+) -> None:
     """In place, for every dim i with a factor: ``S_i ← β2·S_i + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ``.
 
-    ``beta2 == 1`` is the plain running sum ``S_i ← S_i + G₍ᵢ₎G₍ᵢ₎ᵀ`` (AdaGrad-style).
-    One fused ``baddbmm_`` per factor: no temporaries.
+    ``beta2 == 1`` is the plain running sum ``S_i ← S_i + G₍ᵢ₎G₍ᵢ₎ᵀ`` (AdaGrad-style). A float32 factor
+    takes one fused ``baddbmm_`` (no temporaries); a bfloat16 one is updated in float32 and rounded back
+    stochastically with ``generator``'s bits (deterministic for a seeded generator).
     """
     alpha = 1.0 if beta2 == 1.0 else 1.0 - beta2
     for dim, factor in enumerate(factors):
-        if factor is not None:
-            unfolded = mode_unfold(grad_stack, dim)
+        if factor is None:
+            continue
+        unfolded = mode_unfold(grad_stack, dim)
+        if factor.dtype == unfolded.dtype:
             factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=alpha)
+        else:
+            updated = torch.baddbmm(factor.to(unfolded.dtype), unfolded, unfolded.mT, beta=beta2, alpha=alpha)
+            factor.copy_(round_stochastically(0.5 * (updated + updated.mT), generator, symmetric=True))
+
+
+def rounding_generator(
+    dtype: torch.dtype, step: int, index: int, device: torch.device
+) -> torch.Generator | None:
+    """The random bits of the stochastic rounding of ``dtype`` factors (``None`` for float32): seeded by the
+    step and the parameter's index, so runs, resumed runs and any number of ranks round alike."""
+    if dtype == torch.float32:
+        return None
+    return torch.Generator(device).manual_seed(step * 1_000_003 + index)
+
+
+def round_stochastically(
+    values: Tensor, generator: torch.Generator | None, symmetric: bool = False
+) -> Tensor:
+    """float32 → bfloat16, rounding up with probability equal to the distance to the lower neighbour:
+    unbiased in expectation. Adds 16 random bits below bfloat16's mantissa and truncates them; with
+    ``symmetric`` (a stack of symmetric matrices) entries ``(i, j)`` and ``(j, i)`` share their bits, so the
+    result stays exactly symmetric."""
+    bits = values.contiguous().view(torch.int32)
+    shape, device = values.shape, values.device
+    noise = torch.randint(0, 1 << 16, shape, generator=generator, dtype=torch.int32, device=device)
+    if symmetric:
+        noise = noise.triu() + noise.triu(1).mT
+    return ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
 def precondition(stack: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
@@ -44,7 +85,8 @@ def precondition(stack: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
     no copies and a contiguous result.
     """
     n, last = stack.shape[0], stack.dim() - 2
-    out = stack
+    dtype = next((root.dtype for root in roots if root is not None), stack.dtype)
+    out = stack.to(dtype)
     for dim, root in enumerate(roots):
         if root is None:
             continue
@@ -55,4 +97,4 @@ def precondition(stack: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
             moved = out.movedim(dim + 1, 1)
             product = torch.bmm(root, moved.reshape(n, moved.shape[1], -1))
             out = product.reshape(moved.shape).movedim(1, dim + 1)
-    return out
+    return out.to(stack.dtype)

@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from . import guards, statedict
 from .blocking import BlockPlan, plan_for_group
 from .cost import parameter_cost
-from .kronecker import update_statistics
+from .kronecker import rounding_generator, update_statistics
 from .layout import Layout, ShardLocal, choose_layout, is_dtensor
 from .options import RefreshOptions, StepOptions, require, validate_group
 from .preconditioners import PRECONDITIONERS, group_tensors
@@ -78,6 +78,8 @@ class Shampoo(Optimizer):
             in float64 where it fails (about 2× cheaper), or float64 (:mod:`.eigen`).
         basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
             this is kept, up to 10× it refined by a power step + QR, beyond that recomputed; 0: recomputed.
+        factor_dtype: storage of the factors, roots and bases: float32, or bfloat16 (half the memory; the
+            statistics accumulate in float32 and round back stochastically, the products run in bfloat16).
         refresh: ``"sync"`` (inside ``step()``), ``"async"`` (a background CPU thread; installed exactly
             ``refresh_lag`` steps after the snapshot: bitwise ``"sync"`` with the same lag) or
             ``"best_effort"`` (installed when ready, at most ``refresh_lag`` steps late). See :mod:`.refresh`.
@@ -118,6 +120,7 @@ class Shampoo(Optimizer):
         max_root_residual: float = 0.1,
         eigh_dtype: torch.dtype = torch.float32,
         basis_tolerance: float = 0.01,
+        factor_dtype: torch.dtype = torch.float32,
         refresh: str = "sync",
         refresh_lag: int | None = None,
         refresh_policy: RefreshPolicy | Callable[[int], bool] | None = None,
@@ -137,14 +140,14 @@ class Shampoo(Optimizer):
         validate_group(defaults)
         self.options = StepOptions(
             preconditioner, inverse_root, max_root_residual, statistics_frequency, check_finite, distribute,
-            eigh_dtype, basis_tolerance,
+            eigh_dtype, basis_tolerance, factor_dtype,
         )  # fmt: skip
         self.refresh_options = RefreshOptions.from_arguments(
             refresh, refresh_lag, refresh_policy, refresh_threads, precondition_frequency,
             start_preconditioning_step,
         )  # fmt: skip
         super().__init__(params, defaults)
-        self._preconditioner = PRECONDITIONERS[preconditioner]()
+        self._preconditioner = PRECONDITIONERS[preconditioner](factor_dtype)
         self._engine = self._new_engine()
         self._policy = self.refresh_options.policy
         self._progress = statedict.Progress()
@@ -254,8 +257,10 @@ class Shampoo(Optimizer):
         if step % self.options.statistics_frequency == 0:
             for entry in updating:
                 plan, state = self._plan(entry.group, entry.param), self.state[entry.param]
+                rounding = rounding_generator(self.options.factor_dtype, step, entry.index, entry.grad.device)
                 for g, stack in enumerate(plan.split(grads[entry.index]) if plan.preconditioned else []):
-                    update_statistics(group_tensors(state, "factor", g, plan), stack, entry.group["betas"][1])
+                    factors = group_tensors(state, "factor", g, plan)
+                    update_statistics(factors, stack, entry.group["betas"][1], rounding)
         if self._progress.refresh_requested or self._policy.due(step):
             self._progress.refresh_requested = False
             self._submit(step, entries)
@@ -459,7 +464,8 @@ class Shampoo(Optimizer):
         super().load_state_dict(part)
         params = self._params()
         for index, saved in pairs:
-            statedict.restore(self.state[params[index]], saved, layout.import_, params[index].device)
+            state, device = self.state[params[index]], params[index].device
+            statedict.restore(state, saved, layout.import_, device, self._preconditioner.state_dtype)
         extra = part.get("shampoo", {})
         self._progress = statedict.Progress.from_dict(extra)
         self._engine.load_state_dict(statedict.map_tensors(extra.get("engine", {}), layout.import_))

@@ -19,6 +19,7 @@ from .layout import DISTRIBUTE_MODES
 from .refresh import MODES, EveryNSteps, FunctionPolicy, RefreshPolicy
 
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
+FACTOR_DTYPES = (torch.float32, torch.bfloat16)
 INVERSE_ROOTS = ("eigh", "newton")
 # Options that decide the state's layout: a checkpoint only loads into an optimizer that agrees on them.
 STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d")
@@ -146,6 +147,7 @@ class StepOptions:
     distribute: str
     eigh_dtype: torch.dtype = torch.float32
     basis_tolerance: float = 0.01
+    factor_dtype: torch.dtype = torch.float32
 
     def __post_init__(self) -> None:
         require(
@@ -167,6 +169,10 @@ class StepOptions:
         )
         require(
             self.eigh_dtype in EIGH_DTYPES, f"eigh_dtype must be one of {EIGH_DTYPES}, got {self.eigh_dtype}"
+        )
+        require(
+            self.factor_dtype in FACTOR_DTYPES,
+            f"factor_dtype must be one of {FACTOR_DTYPES}, got {self.factor_dtype}",
         )
         require(
             0 <= self.basis_tolerance < 1,

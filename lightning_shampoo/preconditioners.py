@@ -95,10 +95,17 @@ def _copy_accepted(target: Tensor, new: Tensor, accepted: Tensor) -> int:
 
 class Preconditioner:
     """What the two preconditioners share: a factor and a refreshed matrix (identity at first) per
-    preconditioned dim of every block, and the install of accepted results."""
+    preconditioned dim of every block, stored in ``factor_dtype``, and the install of accepted results."""
 
     kind = ""
     matrix = ""  # state key prefix of the refreshed matrices
+
+    def __init__(self, factor_dtype: torch.dtype = torch.float32) -> None:
+        self.factor_dtype = factor_dtype
+
+    def state_dtype(self, key: str) -> torch.dtype:
+        """The dtype a state tensor is kept in: ``factor_dtype`` for factors and their matrices, else fp32."""
+        return self.factor_dtype if key.startswith(("factor_", f"{self.matrix}_")) else torch.float32
 
     def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         """The elementwise (parameter-shaped) state tensors."""
@@ -110,8 +117,8 @@ class Preconditioner:
         for key in self.moment_keys(group):
             state[key] = torch.zeros_like(like, dtype=torch.float32, memory_format=torch.contiguous_format)
         for name, (n, d, _) in factor_shapes(plan):
-            state[f"factor_{name}"] = torch.zeros((n, d, d), dtype=torch.float32, device=like.device)
-            eye = torch.eye(d, dtype=torch.float32, device=like.device)
+            state[f"factor_{name}"] = torch.zeros((n, d, d), dtype=self.factor_dtype, device=like.device)
+            eye = torch.eye(d, dtype=self.factor_dtype, device=like.device)
             state[f"{self.matrix}_{name}"] = eye.expand(n, d, d).clone()
         state["preconditioned"] = False
 
@@ -231,12 +238,12 @@ class EigenvalueCorrected(Preconditioner):
 
     def install(self, state: State, plan: BlockPlan, name: str, result: Result) -> int:
         basis = state[f"basis_{name}"]
-        new = result.basis.to(basis.device, basis.dtype, non_blocking=True)
+        new = result.basis.to(basis.device, torch.float32, non_blocking=True)
         accepted = result.accepted.to(basis.device, non_blocking=True).view(-1, 1, 1)
         g, dim = (int(part) for part in name.split("_"))
         # R = Q_newᵀ Q_old re-projects the moments into the new basis; exactly I where the basis stays.
         moved = accepted & ~result.kept.to(basis.device, non_blocking=True).view(-1, 1, 1)
-        rotation = torch.where(moved, new.mT @ basis, torch.eye(basis.shape[-1], device=basis.device))
+        rotation = torch.where(moved, new.mT @ basis.float(), torch.eye(basis.shape[-1], device=basis.device))
         factors: list[Tensor | None] = [None] * len(plan.groups[g].block_shape)
         for key, matrix in (("exp_avg", rotation), ("exp_avg_sq", rotation.square())):
             stacks = plan.split(state[key])

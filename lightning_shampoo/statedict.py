@@ -304,12 +304,14 @@ def pending_state(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"pending": pending}
 
 
-def restore(state: dict[str, Any], saved: dict[str, Any], import_: Any, device: torch.device) -> None:
+def restore(
+    state: dict[str, Any], saved: dict[str, Any], import_: Any, device: torch.device, dtype_of: Any
+) -> None:
     """Put a parameter's saved state back after torch's ``load_state_dict``, which casts floating state to
-    the parameter's dtype: Shampoo's state is fp32 plain local tensors by contract."""
+    the parameter's dtype: Shampoo keeps plain local tensors in its own dtypes (``dtype_of(key)``)."""
     for key, value in saved.items():
         if isinstance(value, Tensor) and value.is_floating_point():
-            state[key] = import_(value).to(device=device, dtype=torch.float32, copy=True)
+            state[key] = import_(value).to(device=device, dtype=dtype_of(key), copy=True)
         elif key == "step":
             state[key] = int(value)
 

@@ -331,3 +331,56 @@ def test_bf16_parameters_train_with_fp32_state(kind: str) -> None:
     assert all(p.dtype == torch.bfloat16 and p.isfinite().all() for p in model.parameters())
     for state in opt.state.values():
         assert all(v.dtype == torch.float32 for v in state.values() if isinstance(v, torch.Tensor))
+
+
+# ------------------------------------------------------------------ low-precision factors
+
+
+def test_bfloat16_factors_checkpoint_and_refresh_modes_stay_bitwise(kind: str) -> None:
+    """bfloat16 factors, roots and bases: the stochastic rounding is seeded by step and parameter, so async
+    is still bitwise sync, and a resumed run (weights-only load) is bitwise the uninterrupted one."""
+    options = dict(refresh_lag=2, factor_dtype=torch.bfloat16)
+    reference = _run(kind, 14, refresh="sync", **options)
+    losses, params = _run(kind, 14, refresh="async", **options)
+    assert losses == reference[0] and _same(params, reference[1])
+    model = _model()
+    opt = Shampoo(model.parameters(), **FAST, preconditioner=kind, **options)
+    batches = _batches(14)
+    losses = _train(model, opt, batches[:9])
+    matrix = "root_0_0" if kind == "root_inverse" else "basis_0_0"
+    state = opt.state[model[0].weight]
+    assert state["factor_0_0"].dtype == state[matrix].dtype == torch.bfloat16
+    assert state["exp_avg"].dtype == torch.float32
+    buffer = io.BytesIO()
+    torch.save(opt.state_dict(), buffer)
+    buffer.seek(0)
+    second = _model(seed=1)
+    second.load_state_dict(model.state_dict())
+    opt2 = Shampoo(second.parameters(), **FAST, preconditioner=kind, **options)
+    opt2.load_state_dict(torch.load(buffer, weights_only=True))
+    assert opt2.state[second[0].weight]["factor_0_0"].dtype == torch.bfloat16
+    losses += _train(second, opt2, batches[9:])
+    assert losses == reference[0] and _same([p.detach() for p in second.parameters()], reference[1])
+
+
+def test_stochastic_rounding_keeps_the_factor_ema_unbiased() -> None:
+    """A slowly decaying EMA (β2 = 0.999) in bfloat16: rounding to nearest would freeze it; stochastic
+    rounding follows the float32 EMA within bfloat16's relative precision."""
+    from lightning_shampoo.kronecker import update_statistics
+
+    g = torch.Generator().manual_seed(0)
+    exact = torch.zeros(1, 8, 8)
+    low = torch.zeros(1, 8, 8, dtype=torch.bfloat16)
+    nearest = torch.zeros(1, 8, 8, dtype=torch.bfloat16)
+    scale = 1.0
+    for step in range(3000):
+        grad = scale * torch.randn(1, 8, 16, generator=g)
+        scale = 1.0 if step < 1000 else 0.3  # the statistics must decay by 10x after step 1000
+        update_statistics([exact], grad, 0.999)
+        update_statistics([low], grad, 0.999, torch.Generator().manual_seed(step))
+        nearest.copy_((0.999 * nearest.float() + 0.001 * grad @ grad.mT).to(torch.bfloat16))
+    trace = torch.diagonal(exact, dim1=-2, dim2=-1).sum()
+    # Each entry random-walks by about half an ulp per step, damped by the EMA: a few % of spread.
+    assert abs(float(torch.diagonal(low.float(), dim1=-2, dim2=-1).sum() / trace) - 1) < 0.05
+    assert torch.equal(low, low.mT)
+    assert float(torch.diagonal(nearest.float(), dim1=-2, dim2=-1).sum() / trace) > 1.5  # frozen high
