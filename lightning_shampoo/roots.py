@@ -86,13 +86,14 @@ def inverse_pth_root(
 
     (``x^(−1/p)`` has divided differences at most ``|f'(lo)|`` above ``lo``; ``ω`` bounds the step from ``Q``
     to the nearest orthogonal matrix). For the ill-conditioned factors the ridge is for (``m ≈ ε·λ_max``,
-    relative ε) this is about ``(η‖S‖_F/‖S‖₂ + ω)/(p·ε)``; the check guarantees ``η, ω ≤ 32·d·u``, and
-    measured values (η ≈ 10–30·u, ω ≈ d·u on CPU) give ``‖X − X*‖₂/‖X*‖₂ ≈ 5–30·u/(p·ε)``: a few
-    percent at ``ε = 1e-6``, about 1e-3 at ``ε = 1e-4``. Float32 statistics accumulated over many steps
-    already move the root by a third to a half of that (see ``benchmarks/roots_bench.py``). A float64
-    ``eigh`` is held to the same bound with ``u = 2⁻⁵³``. With ``pseudo_inverse`` the bound holds for
-    spectra with no eigenvalue within ``δ`` of the threshold (one that crosses it changes the root by
-    O(1) in its direction, whatever the precision).
+    relative ε) this is about ``(η‖S‖_F/‖S‖₂ + ω)/(p·ε)``; the check guarantees ``η, ω ≤ 32·d·u``.
+    Measured (η ≈ 10–30·u, ω ≈ d·u on CPU, d ≤ 1024): ``‖X − X*‖₂/‖X*‖₂ ≈ 5–30·u/(p·ε)``, i.e. 0.3/p–0.5/p
+    at ``ε = 1e-6`` and 0.005/p–0.02/p at ``ε = 1e-4``. Float32 statistics accumulated over 1000 steps
+    (β₂ = 0.999) already move the root by a seventh to a third of that (``benchmarks/roots_bench.py``,
+    in-context table): the same order, not the same size. A float64 ``eigh`` is held to the same bound
+    with ``u = 2⁻⁵³``. With ``pseudo_inverse`` the bound holds for spectra with no eigenvalue within ``δ``
+    of the threshold (one that crosses it changes the root by O(1) in its direction, whatever the
+    precision).
 
     Non-finite input never raises: its root is NaN, its residual ``+inf``, and it is not accepted; the
     other matrices of the batch are unaffected.

@@ -15,7 +15,14 @@ from torch import nn
 from benchmarks import ablation, convergence, memory, readme, refresh_hiding, report, run, scaling
 from benchmarks.flops import forward_backward_flops, shampoo_step_flops
 from benchmarks.harness import FigureResult, Table
-from benchmarks.roots_bench import EXPONENT, RIDGE, spd_with_condition
+from benchmarks.roots_bench import (
+    BASELINE,
+    EXPONENT,
+    METHODS,
+    RIDGE,
+    accumulated_statistics,
+    spd_with_condition,
+)
 from benchmarks.run import FIGURES
 from lightning_shampoo import Shampoo
 
@@ -153,6 +160,20 @@ def test_quick_step_time_ratios_are_side_by_side(quick_run: tuple[Path, str]) ->
         )
 
 
+def test_quick_inverse_root_figure_compares_every_method_and_basis_path(quick_run: tuple[Path, str]) -> None:
+    data = _figure(quick_run[0], "inverse_root")["data"]
+    for table in ("accuracy", "speed", "context"):
+        assert [r["method"] for r in data[table]][: len(METHODS)] == list(METHODS)
+    for record in data["speed"]:
+        if record["method"] == BASELINE:
+            assert record["ratio"] == 1.0 and record["fallbacks"] == 0  # no fp32 failure on sound input
+    # The in-context errors are set beside fp64 eigh's, which is the fp32 statistics' own.
+    assert all(r["over_storage"] == 1.0 for r in data["context"] if r["method"] == "eigh fp64")
+    # Each timed eigenbasis call took the path it is named after, for every matrix of its batch.
+    assert {r["path"] for r in data["eigenbasis"]} == {"full", "warm", "kept"}
+    assert all(r["on_path"] == r["batch"] for r in data["eigenbasis"])
+
+
 def test_flop_model_counts_blocks_by_hand() -> None:
     params = [
         torch.empty(300, 2048),  # split into two 300×1024 blocks
@@ -197,6 +218,14 @@ def test_test_matrices_have_the_requested_spectrum_and_root() -> None:
     regularized = matrices + RIDGE * torch.eye(24, dtype=torch.float64)
     inverted = torch.linalg.matrix_power(roots, -EXPONENT)
     torch.testing.assert_close(inverted, regularized, rtol=0, atol=1e-9)
+
+
+def test_accumulated_statistics_differ_only_by_float32_rounding() -> None:
+    exact, stored = accumulated_statistics(24, 1e4, 50, torch.Generator().manual_seed(2))
+    assert exact.dtype == torch.float64 and stored.dtype == torch.float32
+    assert torch.equal(exact, exact.mT) and torch.linalg.eigvalsh(exact).min() > 0  # 50·32 columns ≫ 24
+    difference = torch.linalg.matrix_norm(stored.double() - exact) / torch.linalg.matrix_norm(exact)
+    assert 0 < difference < 1e-5  # rounding of G and of each update, accumulated over 50 steps
 
 
 def test_report_merges_a_partial_run(tmp_path: Path) -> None:
