@@ -310,20 +310,27 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS)
 
 
-def _shutdown(inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread, wait: bool) -> None:
+# How long garbage collection and interpreter exit wait for the refresh in flight before leaving it: an
+# idle worker ends at once, a busy one is abandoned (it is a daemon thread), so Ctrl-C ends the process.
+ABANDON_AFTER_S = 1.0
+
+
+def _shutdown(
+    inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread, timeout: float | None
+) -> None:
     # Queued tickets are skipped and the one being computed finishes, then the thread ends.
     stop.set()
     inbox.put(None)
-    if wait and thread is not threading.current_thread():
-        thread.join()
+    if timeout != 0 and thread is not threading.current_thread():
+        thread.join(timeout)
 
 
 class _Worker:
     """A background thread computing tickets in submission order.
 
-    It is a daemon thread, so interpreter exit never waits for it (Ctrl-C ends the process at once, even
-    with a long refresh in flight), stopped by a ``weakref.finalize`` when the engine is garbage-collected
-    or at interpreter exit (without waiting), or by :meth:`close`.
+    It is a daemon thread, so interpreter exit never waits for a long refresh (Ctrl-C ends the process
+    within :data:`ABANDON_AFTER_S`), stopped by a ``weakref.finalize`` when the engine is garbage-collected
+    or at interpreter exit, or by :meth:`close`.
     """
 
     def __init__(self, settings: RefreshSettings, threads: int | None) -> None:
@@ -336,7 +343,9 @@ class _Worker:
             daemon=True,
         )
         self._thread.start()
-        self._finalizer = weakref.finalize(self, _shutdown, self._inbox, self._stop, self._thread, False)
+        self._finalizer = weakref.finalize(
+            self, _shutdown, self._inbox, self._stop, self._thread, ABANDON_AFTER_S
+        )
 
     def put(self, ticket: _Ticket) -> None:
         self._inbox.put(ticket)
@@ -344,7 +353,7 @@ class _Worker:
     def close(self, wait: bool) -> None:
         """Stop the thread; ``wait``: until the refresh it is computing is done."""
         if self._finalizer.detach() is not None:
-            _shutdown(self._inbox, self._stop, self._thread, wait)
+            _shutdown(self._inbox, self._stop, self._thread, None if wait else 0)
 
 
 class RefreshEngine:
