@@ -1,36 +1,34 @@
 """Flop model of a Shampoo step, the lower bound the measured step times are held against.
 
-Per block of ``numel`` entries and each preconditioned dim ``d_i``: the statistics
-``G₍ᵢ₎G₍ᵢ₎ᵀ`` cost ``2·d_i·numel`` flops and the mode product ``Pᵢ X₍ᵢ₎`` another ``2·d_i·numel``;
-for a 2-D ``m×n`` block that is ``4·m·n·(m+n)``. Forward + backward of the model costs
-``6·tokens·params``. Root refreshes are not in the model (they are amortised over the frequency).
+The per-block counts are the optimizer's own cost model (:mod:`lightning_shampoo.cost`): statistics
+``2·d·numel`` per preconditioned dim, each mode product another ``2·d·numel`` (one per step for root
+inverse, two for eigenvalue corrected). Forward + backward of the model costs ``6·tokens·params``. Root
+refreshes are not in the model (they are amortised over the frequency).
 """
 
 from __future__ import annotations
 
-import math
+import inspect
 from collections.abc import Iterable
+from typing import Any
 
 from torch import Tensor
 
-from lightning_shampoo.blocking import plan_blocks
+from lightning_shampoo import Shampoo
+from lightning_shampoo.blocking import plan_for_group
+from lightning_shampoo.cost import step_flops
+
+BLOCKING = ("block_size", "max_preconditioned_dim", "precondition_1d", "max_factor_ratio")
 
 
 def shampoo_step_flops(
-    params: Iterable[Tensor],
-    block_size: int = 1024,
-    max_preconditioned_dim: int | None = None,
-    precondition_1d: bool = True,
-) -> int:
-    """Statistics + preconditioning flops of one step: Σ_blocks Σ_i 4·d_i·numel(block)."""
-    total = 0
-    for param in params:
-        plan = plan_blocks(param.shape, block_size, max_preconditioned_dim, precondition_1d)
-        for group in plan.groups:
-            numel = math.prod(group.block_shape)
-            dims = sum(d for d, keep in zip(group.block_shape, group.preconditioned, strict=True) if keep)
-            total += group.n_blocks * 4 * dims * numel
-    return total
+    params: Iterable[Tensor], preconditioner: str = "root_inverse", **options: Any
+) -> float:
+    """Statistics + mode-product flops of one step, with Shampoo's blocking defaults unless ``options``
+    override them."""
+    defaults = inspect.signature(Shampoo).parameters
+    group = {name: options.get(name, defaults[name].default) for name in BLOCKING}
+    return sum(step_flops(plan_for_group(tuple(p.shape), group), preconditioner) for p in params)
 
 
 def forward_backward_flops(params: Iterable[Tensor], tokens: int) -> int:

@@ -33,7 +33,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from . import optimizers, report
-from .flops import forward_backward_flops, shampoo_step_flops
+from .flops import BLOCKING, forward_backward_flops, shampoo_step_flops
 from .harness import FigureResult, Settings, Table, goal_verdict, mean, median, progress, synchronize
 from .models import WORKLOADS, Batch, Workload
 from .optimizers import OptimizerSpec
@@ -236,9 +236,8 @@ def _bound(workload: Workload, spec: OptimizerSpec, model: nn.Module, summary: d
     matmuls run as fast as the model's own.
     """
     params = list(model.parameters())
-    blocking = ("block_size", "max_preconditioned_dim", "precondition_1d")
-    options = {key: spec.options[key] for key in blocking if key in spec.options}
-    opt_flops = shampoo_step_flops(params, **options)
+    options = {key: spec.options[key] for key in BLOCKING if key in spec.options}
+    opt_flops = shampoo_step_flops(params, spec.options.get("preconditioner", "root_inverse"), **options)
     fb_flops = forward_backward_flops(params, workload.tokens)
     iteration_bound = 1.0 + opt_flops / fb_flops
     step_bound_ms = opt_flops / fb_flops * baseline_fb_ms

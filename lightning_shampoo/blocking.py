@@ -77,12 +77,22 @@ class BlockPlan:
         return out.reshape(self.param_shape)
 
 
-def merge_small_dims(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
-    """Squeeze size-1 dims, then merge adjacent dims left to right while the product stays ≤ block_size."""
+def merge_small_dims(
+    shape: tuple[int, ...], block_size: int, max_factor_ratio: float | None = None
+) -> tuple[int, ...]:
+    """Squeeze size-1 dims, then merge adjacent dims left to right while the product stays ≤ block_size
+    (and, with ``max_factor_ratio`` r, while the merged dim ``m`` keeps ``m² ≤ r·numel``: merging a
+    ``10×64`` weight into one 640-wide dim would give it a factor 640 times its own size)."""
+    numel = math.prod(shape)
     merged: list[int] = []
     for size in (s for s in shape if s != 1):
-        if merged and merged[-1] * size <= block_size:
-            merged[-1] *= size
+        product = merged[-1] * size if merged else 0
+        if (
+            merged
+            and product <= block_size
+            and (max_factor_ratio is None or product**2 <= max_factor_ratio * numel)
+        ):
+            merged[-1] = product
         else:
             merged.append(size)
     return tuple(merged)
@@ -93,18 +103,29 @@ def plan_blocks(
     block_size: int,
     max_preconditioned_dim: int | None = None,
     precondition_1d: bool = True,
+    max_factor_ratio: float | None = None,
 ) -> BlockPlan:
     """Plan the blocks of a parameter of ``shape``.
 
     Dims larger than ``max_preconditioned_dim`` keep an identity factor and are not split; every other
     dim larger than ``block_size`` is split into chunks of ``block_size`` (remainder last). An order-1
-    parameter is preconditioned only when ``precondition_1d``.
+    parameter is preconditioned only when ``precondition_1d``. With ``max_factor_ratio`` r, a dim of size
+    ``d`` in blocks of ``n`` entries gets a factor only if ``d² ≤ r·n``: no factor is ever far larger than
+    the block it serves (a bias or a vector of size d would need a d×d one; a vocabulary dim dwarfs its
+    block), and small dims are merged only under the same bound.
     """
     shape = tuple(shape)
-    merged = merge_small_dims(shape, block_size)
+    merged = merge_small_dims(shape, block_size, max_factor_ratio)
     if math.prod(shape) == 0:
         return BlockPlan(shape, merged, ())
     preconditioned = tuple(max_preconditioned_dim is None or s <= max_preconditioned_dim for s in merged)
+    if max_factor_ratio is not None:
+        # Judged on a full-size block (the remainder blocks follow it, so every group shares one pattern).
+        chunk = [min(s, block_size) if keep else s for s, keep in zip(merged, preconditioned, strict=True)]
+        block = math.prod(chunk)
+        preconditioned = tuple(
+            keep and c * c <= max_factor_ratio * block for c, keep in zip(chunk, preconditioned, strict=True)
+        )
     if not any(preconditioned) or (len(merged) == 1 and not precondition_1d):
         return BlockPlan(shape, merged, ())
     # Per merged dim, the runs of equal-sized chunks: (start, count, size).
@@ -126,7 +147,10 @@ def plan_blocks(
 
 def plan_for_group(shape: tuple[int, ...], group: dict[str, Any]) -> BlockPlan:
     """:func:`plan_blocks` under an optimizer parameter group's blocking options."""
-    return plan_blocks(shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"])
+    return plan_blocks(
+        shape, group["block_size"], group["max_preconditioned_dim"], group["precondition_1d"],
+        group["max_factor_ratio"],
+    )  # fmt: skip
 
 
 def _chunk_runs(size: int, block_size: int) -> list[tuple[int, int, int]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -18,7 +19,7 @@ from torch.optim import Optimizer
 
 from . import guards, statedict
 from .blocking import BlockPlan, plan_for_group
-from .cost import parameter_cost
+from .cost import Work, parameter_work
 from .kronecker import rounding_generator, update_statistics
 from .layout import Layout, ShardLocal, choose_layout, is_dtensor
 from .options import RefreshOptions, StepOptions, require, validate_group
@@ -73,11 +74,13 @@ class Shampoo(Optimizer):
         statistics_frequency: update the factors every this many steps (cheaper steps).
         max_preconditioned_dim: dims larger than this keep an identity factor (e.g. vocabularies).
         precondition_1d: give order-1 parameters (biases, norms) a factor; else the diagonal method only.
+        max_factor_ratio: a dim of size d in blocks of n entries gets a factor only if ``d² ≤ ratio·n`` (and
+            small dims merge only under that bound): no factor far larger than its block (None: all dims).
         max_root_residual: reject a root whose residual check exceeds this.
         eigh_dtype: precision of the refresh's eigendecompositions: float32, each checked and recomputed
             in float64 where it fails (about 2× cheaper), or float64 (:mod:`.eigen`).
         basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
-            this is kept, up to 10× it refined by a power step + QR, beyond that recomputed; 0: recomputed.
+            this is kept, else recomputed (0: recomputed every refresh).
         factor_dtype: storage of the factors, roots and bases: float32, or bfloat16 (half the memory; the
             statistics accumulate in float32 and round back stochastically, the products run in bfloat16).
         refresh: ``"sync"`` (inside ``step()``), ``"async"`` (a background CPU thread; installed exactly
@@ -117,6 +120,7 @@ class Shampoo(Optimizer):
         statistics_frequency: int = 1,
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
+        max_factor_ratio: float | None = 4.0,
         max_root_residual: float = 0.1,
         eigh_dtype: torch.dtype = torch.float32,
         basis_tolerance: float = 0.01,
@@ -135,7 +139,7 @@ class Shampoo(Optimizer):
             exponent_override=exponent_override, exponent_multiplier=exponent_multiplier,
             pseudo_inverse=pseudo_inverse,
             relative_epsilon=relative_epsilon, max_preconditioned_dim=max_preconditioned_dim,
-            precondition_1d=precondition_1d,
+            precondition_1d=precondition_1d, max_factor_ratio=max_factor_ratio,
         )  # fmt: skip
         validate_group(defaults)
         self.options = StepOptions(
@@ -155,6 +159,7 @@ class Shampoo(Optimizer):
         self._warnings = guards.Warnings()
         self._process_group = process_group
         self._layout: Layout | None = None
+        self._loaded_whole = False  # the state was loaded before the layout was known: it is complete
         self._consolidated: tuple[int, dict[str, Any]] | None = None  # (step, the state dict to hand out)
 
     # ------------------------------------------------------------------ public API
@@ -163,13 +168,13 @@ class Shampoo(Optimizer):
     def layout(self) -> Layout:
         """Where the work and state live across ranks (decided at first use: a collective when sharded)."""
         if self._layout is None:
-            params = self._params()
+            loaded = self.shard_state_dict() if self._loaded_whole else None
             self._layout = choose_layout(
-                self.options.distribute, self._process_group, params, self._names(), self._costs(params)
+                self.options.distribute, self._process_group, self._params(), self._names(), self._work()
             )
-            for index, param in enumerate(params):
-                if not self._layout.owns(index):
-                    self.state.pop(param, None)
+            self._plans.clear()
+            if loaded is not None and self._layout.shard_info() is not None:
+                self.load_state_dict(loaded)  # kept where this rank owns it (cut where split by blocks)
         return self._layout
 
     @property
@@ -204,8 +209,7 @@ class Shampoo(Optimizer):
         super().add_param_group(param_group)
         validate_group(self.param_groups[-1], self.options.inverse_root)
         if getattr(self, "_layout", None) is not None:
-            params = self._params()
-            self._layout = self._layout.extend(params, self._names(), self._costs(params))
+            self._layout = self._layout.extend(self._params(), self._names(), self._work())
 
     def metrics(self) -> dict[str, float]:
         """Plain floats for logging: ``nonfinite_skips`` (skipped parameter updates), ``refreshes``
@@ -253,7 +257,7 @@ class Shampoo(Optimizer):
         updating = [entry for entry, ok in zip(entries, self._usable(entries), strict=True) if ok]
         for entry in updating:
             self.state[entry.param]["step"] += 1
-        grads = {entry.index: entry.grad.float() for entry in updating}
+        grads = {entry.index: layout.part(entry.param, entry.grad).float() for entry in updating}
         if step % self.options.statistics_frequency == 0:
             for entry in updating:
                 plan, state = self._plan(entry.group, entry.param), self.state[entry.param]
@@ -284,7 +288,7 @@ class Shampoo(Optimizer):
             if param.grad is None:
                 continue
             guards.check_supported(param, self._name(group, position, param))
-            weight = layout.local(param)
+            weight = layout.weight(param)
             if layout.owns(index) and not self.state[param]:
                 self._preconditioner.init_state(self.state[param], weight, self._plan(group, param), group)
             entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad)))
@@ -323,8 +327,6 @@ class Shampoo(Optimizer):
         indexed = list(self._indexed())
         accepted = rejected = 0
         for snapshot, result in installs:
-            if not self.layout.owns(snapshot.param_index):  # loaded before the ownership was known
-                continue
             group, _, param = indexed[snapshot.param_index]
             state = self.state[param]
             count = self._preconditioner.install(state, self._plan(group, param), snapshot.name, result)
@@ -350,18 +352,18 @@ class Shampoo(Optimizer):
     def _params(self) -> list[Tensor]:
         return [param for _, _, param in self._indexed()]
 
-    def _costs(self, params: list[Tensor]) -> list[float]:
-        """Each parameter's work per step (whole, whatever the layout): what ownership balances."""
+    def _work(self) -> list[Work]:
+        """Each parameter's work per step (whole, and per block): what ownership balances."""
         frequency, kind = self.refresh_options.frequency, self.options.preconditioner
         return [
-            parameter_cost(plan_for_group(tuple(param.shape), group), frequency, kind)
+            parameter_work(plan_for_group(tuple(param.shape), group), frequency, kind)
             for group, _, param in self._indexed()
         ]
 
     def _plan(self, group: dict[str, Any], param: Tensor) -> BlockPlan:
         plan = self._plans.get(param)
         if plan is None:
-            plan = self._plans[param] = self._known_layout().plan(param, lambda s: plan_for_group(s, group))
+            plan = self._plans[param] = self._known_layout().plan(param, partial(plan_for_group, group=group))
         return plan
 
     def _known_layout(self) -> Layout:
@@ -433,7 +435,7 @@ class Shampoo(Optimizer):
         """What a checkpoint must hold for every parameter (saved shapes), in optimizer order."""
         specs, layout = [], self._known_layout()
         for index, (group, position, param) in enumerate(self._indexed()):
-            plan, like = self._plan(group, param), layout.local(param)
+            plan, like = layout.saved_plan(param, partial(plan_for_group, group=group)), layout.local(param)
             shapes = {
                 key: layout.saved_shape(param, shape) if statedict.is_block_key(key) else tuple(param.shape)
                 for key, shape in self._preconditioner.state_shapes(like, plan, group).items()
@@ -451,21 +453,20 @@ class Shampoo(Optimizer):
         """The state a new parameter ``index`` starts with, as saved (e.g. a template to load into)."""
         group, _, param = list(self._indexed())[index]
         layout, state = self._known_layout(), {}
-        self._preconditioner.init_state(state, layout.local(param), self._plan(group, param), group)
+        plan = layout.saved_plan(param, partial(plan_for_group, group=group))
+        self._preconditioner.init_state(state, layout.local(param), plan, group)
         return {key: self._export(layout, param, key, value) for key, value in state.items()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pairs = statedict.validate(
-            state_dict, self.param_groups, self.param_specs(), self.options.preconditioner
-        )
-        layout = self._known_layout()
-        part = statedict.owned_part(state_dict, [layout.owns(i) for i in range(len(self._params()))])
-        self._consolidated = None
+        statedict.validate(state_dict, self.param_groups, self.param_specs(), self.options.preconditioner)
+        layout, dtype_of = self._known_layout(), self._preconditioner.state_dtype
+        part = layout.keep(state_dict)  # this rank's parameters (and blocks)
+        self._consolidated, self._loaded_whole = None, self._layout is None
         super().load_state_dict(part)
-        params = self._params()
-        for index, saved in pairs:
-            state, device = self.state[params[index]], params[index].device
-            statedict.restore(state, saved, layout.import_, device, self._preconditioner.state_dtype)
+        keys = [key for group in part["param_groups"] for key in group["params"]]
+        for param, saved in zip(self._params(), map(part["state"].get, keys), strict=True):
+            if saved:
+                statedict.restore(self.state[param], saved, layout.import_, param.device, dtype_of)
         extra = part.get("shampoo", {})
         self._progress = statedict.Progress.from_dict(extra)
         self._engine.load_state_dict(statedict.map_tensors(extra.get("engine", {}), layout.import_))

@@ -22,7 +22,7 @@ PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 FACTOR_DTYPES = (torch.float32, torch.bfloat16)
 INVERSE_ROOTS = ("eigh", "newton")
 # Options that decide the state's layout: a checkpoint only loads into an optimizer that agrees on them.
-STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d")
+STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d", "max_factor_ratio")
 
 
 def require(condition: bool, message: str) -> None:
@@ -55,6 +55,8 @@ def validate_group(group: dict[str, Any], inverse_root: str = "eigh") -> None:
     )
     limit = group["max_preconditioned_dim"]
     require(limit is None or limit >= 1, f"max_preconditioned_dim must be None or >= 1, got {limit}")
+    ratio = group["max_factor_ratio"]
+    require(ratio is None or ratio > 0, f"max_factor_ratio must be None or > 0, got {ratio}")
     require(
         not (group["pseudo_inverse"] and inverse_root == "newton"),
         "pseudo_inverse needs inverse_root='eigh' (the coupled Newton iteration has no pseudo-inverse)",

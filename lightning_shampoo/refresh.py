@@ -116,9 +116,11 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
             )
         else:
             previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
+            # Keep a basis within tolerance, else decompose anew: on CPU a QR power step costs about as much
+            # as a float32 eigh (measured), so refining a drifted basis saves nothing there.
             tolerance = settings.basis_tolerance
             batch = eigenbasis(
-                stacked, previous, tolerance=tolerance, restart=10 * tolerance, dtype=settings.eigh_dtype
+                stacked, previous, tolerance=tolerance, restart=tolerance, dtype=settings.eigh_dtype
             )
         sizes = [snapshots[i].matrices.shape[0] for i in members]
         parts = [value.split(sizes) for value in _fields(batch).values()]
@@ -310,27 +312,27 @@ def _lower_priority() -> None:
             os.setpriority(os.PRIO_PROCESS, thread, os.getpriority(os.PRIO_PROCESS, thread) + WORKER_NICENESS)
 
 
-# How long garbage collection and interpreter exit wait for the refresh in flight before leaving it: an
-# idle worker ends at once, a busy one is abandoned (it is a daemon thread), so Ctrl-C ends the process.
-ABANDON_AFTER_S = 1.0
-
-
 def _shutdown(
-    inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread, timeout: float | None
+    inbox: queue.SimpleQueue, stop: threading.Event, thread: threading.Thread, wait: bool | None
 ) -> None:
-    # Queued tickets are skipped and the one being computed finishes, then the thread ends.
+    """Stop the worker: queued tickets are skipped, the one being computed finishes, then the thread ends.
+
+    ``wait=None`` (garbage collection, interpreter exit): wait for that refresh, except when the process is
+    ending on Ctrl-C (an uncaught ``KeyboardInterrupt``), where the daemon thread is left behind at once.
+    """
     stop.set()
     inbox.put(None)
-    if timeout != 0 and thread is not threading.current_thread():
-        thread.join(timeout)
+    if wait is None:
+        wait = getattr(sys, "last_type", None) is not KeyboardInterrupt
+    if wait and thread is not threading.current_thread():
+        thread.join()
 
 
 class _Worker:
     """A background thread computing tickets in submission order.
 
-    It is a daemon thread, so interpreter exit never waits for a long refresh (Ctrl-C ends the process
-    within :data:`ABANDON_AFTER_S`), stopped by a ``weakref.finalize`` when the engine is garbage-collected
-    or at interpreter exit, or by :meth:`close`.
+    It is a daemon thread stopped by :meth:`close` or by a ``weakref.finalize`` when the engine is
+    garbage-collected or at interpreter exit; exit on Ctrl-C never waits for it (:func:`_shutdown`).
     """
 
     def __init__(self, settings: RefreshSettings, threads: int | None) -> None:
@@ -343,9 +345,7 @@ class _Worker:
             daemon=True,
         )
         self._thread.start()
-        self._finalizer = weakref.finalize(
-            self, _shutdown, self._inbox, self._stop, self._thread, ABANDON_AFTER_S
-        )
+        self._finalizer = weakref.finalize(self, _shutdown, self._inbox, self._stop, self._thread, None)
 
     def put(self, ticket: _Ticket) -> None:
         self._inbox.put(ticket)
@@ -353,7 +353,7 @@ class _Worker:
     def close(self, wait: bool) -> None:
         """Stop the thread; ``wait``: until the refresh it is computing is done."""
         if self._finalizer.detach() is not None:
-            _shutdown(self._inbox, self._stop, self._thread, None if wait else 0)
+            _shutdown(self._inbox, self._stop, self._thread, wait)
 
 
 class RefreshEngine:

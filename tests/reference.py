@@ -37,13 +37,20 @@ from torch import Tensor
 GRAFTS = ("adam", "adagrad", "rmsprop", "sgd", "none")
 
 
-def reference_merged_shape(shape: Sequence[int], block_size: int) -> list[int]:
-    """Squeeze size-1 dims, then merge adjacent dims greedily while the product stays ≤ block_size."""
+def reference_merged_shape(
+    shape: Sequence[int], block_size: int, max_factor_ratio: float | None = None
+) -> list[int]:
+    """Squeeze size-1 dims, then merge adjacent dims greedily while the product stays ≤ block_size and,
+    with a ratio r, while its square stays ≤ r times the parameter's size."""
+    numel = 1
+    for d in shape:
+        numel *= d
     merged: list[int] = []
     for d in shape:
         if d == 1:
             continue
-        if merged and merged[-1] * d <= block_size:
+        fits = merged and merged[-1] * d <= block_size
+        if fits and (max_factor_ratio is None or (merged[-1] * d) ** 2 <= max_factor_ratio * numel):
             merged[-1] *= d
         else:
             merged.append(d)
@@ -66,10 +73,20 @@ def reference_blocks(
     precondition_1d: bool,
     exponent_override: float | None,
     exponent_multiplier: float = 1.0,
+    max_factor_ratio: float | None = None,
 ) -> tuple[list[int], list[tuple[tuple[slice, ...], list[int], float]]]:
-    """Merged shape and, per grid cell, ``(index, preconditioned dims, root exponent p)``."""
-    merged = reference_merged_shape(shape, block_size)
+    """Merged shape and, per grid cell, ``(index, preconditioned dims, root exponent p)``.
+
+    With a ratio r a dim is preconditioned only if its full-size chunk ``c`` has ``c² ≤ r·(size of a
+    full-size block)``, for every block of the parameter alike."""
+    merged = reference_merged_shape(shape, block_size, max_factor_ratio)
     skipped = [max_preconditioned_dim is not None and d > max_preconditioned_dim for d in merged]
+    if max_factor_ratio is not None:
+        chunks = [d if skip else min(d, block_size) for d, skip in zip(merged, skipped, strict=True)]
+        block = 1
+        for c in chunks:
+            block *= c
+        skipped = [skip or c * c > max_factor_ratio * block for c, skip in zip(chunks, skipped, strict=True)]
     chunks = [
         [slice(0, d)] if skip else [slice(s, min(s + block_size, d)) for s in range(0, d, block_size)]
         for d, skip in zip(merged, skipped, strict=True)
@@ -128,6 +145,7 @@ class ReferenceShampoo:
         statistics_frequency: int = 1,
         max_preconditioned_dim: int | None = None,
         precondition_1d: bool = True,
+        max_factor_ratio: float | None = None,
         preconditioner: str = "root_inverse",
         exponent_multiplier: float = 1.0,
         pseudo_inverse: bool = False,
@@ -155,6 +173,7 @@ class ReferenceShampoo:
                 precondition_1d,
                 exponent_override,
                 exponent_multiplier,
+                max_factor_ratio,
             )
             blocks = []
             for index, dims, exponent in cells:

@@ -187,9 +187,14 @@ def test_flop_model_counts_blocks_by_hand() -> None:
         + 4 * 512 * 512
         + 4 * 96 * 96 * 5000
     )
-    assert shampoo_step_flops(params, block_size=1024, max_preconditioned_dim=2048) == expected
-    assert shampoo_step_flops(params[:1], block_size=1024, precondition_1d=False) == 2 * 4 * 300 * 1024 * 1324
-    assert shampoo_step_flops(params[1:3], block_size=1024, precondition_1d=False) == 0
+    classic = dict(block_size=1024, max_factor_ratio=None)
+    assert shampoo_step_flops(params, max_preconditioned_dim=2048, **classic) == expected
+    assert shampoo_step_flops(params[:1], precondition_1d=False, **classic) == 2 * 4 * 300 * 1024 * 1324
+    assert shampoo_step_flops(params[1:3], precondition_1d=False, **classic) == 0
+    # The factor-ratio rule (default 4) drops the 1-D factors; eigenvalue correction adds a mode product.
+    assert shampoo_step_flops(params[:3], block_size=1024) == 2 * 4 * 300 * 1024 * 1324
+    corrected = shampoo_step_flops(params[:1], "eigenvalue_corrected", block_size=1024)
+    assert corrected == 2 * 6 * 300 * 1024 * 1324
     assert forward_backward_flops(params[:2], tokens=7) == 6 * 7 * (300 * 2048 + 300)
 
 
@@ -201,13 +206,14 @@ def test_state_bytes_match_the_layout() -> None:
     adamw.step()
     # exp_avg + exp_avg_sq in fp32, plus a 4-byte step tensor per parameter.
     assert memory.state_bytes(adamw) == {"moments": 8 * n, "other": 2 * 4}
-    shampoo = Shampoo(model.parameters())
-    shampoo.step()
-    shampoo.close()
-    found = memory.state_bytes(shampoo)
-    assert found["moments"] == 2 * 4 * n  # exp_avg and graft_sq
-    # A factor and a root per dim: 40² and 48² for the weight, 40² for the bias; fp32.
-    assert found["factors"] == found["roots"] == 4 * (40**2 + 48**2 + 40**2)
+    for ratio, factored in ((None, 40**2 + 48**2 + 40**2), (4.0, 40**2 + 48**2)):
+        shampoo = Shampoo(model.parameters(), max_factor_ratio=ratio)
+        shampoo.step()
+        shampoo.close()
+        found = memory.state_bytes(shampoo)
+        assert found["moments"] == 2 * 4 * n  # exp_avg and graft_sq
+        # A factor and a root per dim, fp32: 40² and 48² for the weight, and (classic rules) 40² for the bias.
+        assert found["factors"] == found["roots"] == 4 * factored
 
 
 def test_test_matrices_have_the_requested_spectrum_and_root() -> None:
@@ -309,5 +315,11 @@ def test_readme_update_keeps_the_prose_around_the_block(tmp_path: Path) -> None:
 
 def test_only_runs_into_the_committed_folder_touch_the_readme(tmp_path: Path) -> None:
     assert run.parse_args([]).readme == readme.README
+    assert run.parse_args([]).out == run.DEFAULT_OUT == report.RESULTS_DIR
+    # A smoke run goes to a git-ignored scratch folder, never over the committed results.
+    quick = run.parse_args(["--quick"])
+    assert quick.out == run.QUICK_OUT and quick.readme is None
+    assert REPO / "runs" in run.QUICK_OUT.parents
+    assert "runs/" in (REPO / ".gitignore").read_text().splitlines()
     assert run.parse_args(["--out", str(tmp_path)]).readme is None
     assert run.parse_args(["--out", str(tmp_path), "--readme", "R.md"]).readme == Path("R.md")

@@ -35,7 +35,9 @@ RTOL = 1e-4
 
 # Small, fast schedules: roots at steps 2, 5, 8, 11, 14 (several refreshes, graft-only step 1).
 # block_size 8 keeps e.g. a 6x5 matrix two-dimensional (the default 1024 would merge it to 1-D).
+# The classic blocking rules (every dim a factor, merging by block size alone) unless a case says otherwise.
 BASE: dict[str, Any] = dict(
+    max_factor_ratio=None,
     lr=0.1,
     block_size=8,
     betas=(0.9, 0.95),
@@ -219,6 +221,13 @@ def test_graft_only_matches_adamw_on_mlp() -> None:
 # ------------------------------------------------------------------ root options and eigenvalue correction
 
 ROOT_OPTION_CASES: dict[str, tuple[list[tuple[int, ...]], dict[str, Any]]] = {
+    # No factor far larger than its block: vectors keep the graft, a 10×7 weight is not merged to 1-D, a
+    # 20×3 block is preconditioned on its 3-side only, the 2-D remainder blocks follow the full-size ones.
+    "factor_ratio_4": (
+        [(10,), (10, 7), (20, 3), (12, 10), (4, 6, 5)],
+        dict(block_size=8, max_factor_ratio=4.0),
+    ),
+    "factor_ratio_default_blocking": ([(10, 7), (40, 9), (7,)], dict(block_size=1024, max_factor_ratio=4.0)),
     "exponent_multiplier_2": ([(10, 7), (4, 6, 5)], dict(block_size=6, exponent_multiplier=2.0)),
     "exponent_one_third": ([(6, 5), (10,)], dict(exponent_multiplier=4 / 3, block_size=8)),
     # Rank-deficient statistics (a 6x5 block after one step has rank 1): the pseudo-inverse drops the null
