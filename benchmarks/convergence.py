@@ -207,8 +207,9 @@ def char_lm_8k_task(quick: bool, device: torch.device) -> ConvergenceTask:
     """The char-LM recipe's model at a realistic batch: 64 windows of 128 bytes, 8,192 tokens per step,
     drawn from 4 MB of source (~30,000 training windows; a run of 200 steps draws 12,800).
 
-    Sized for time: a step takes 0.2 s on two idle cores and up to ~1 s on a loaded machine, so 200 steps
-    and three peak lrs per optimizer (1,200 steps) fit in 4-10 minutes. Probed at 200 steps with this
+    Sized for time: a step takes 0.2 s on two idle cores (0.35 s on one; several times that when other
+    jobs share the cores), so 200 steps and three peak lrs per optimizer (1,200 steps) take about 4
+    minutes on an idle machine and stay near 10 at a load of two. Probed at 200 steps with this
     schedule: both optimizers' best peak lr is 3e-3, inside each sweep (AdamW ends at loss 2.45 / 2.27 /
     2.56 for 1e-3 / 3e-3 / 1e-2, Shampoo at 2.33 / 2.13 / 2.21). The target 2.35 is a loss AdamW's best
     reaches at about step 150 of 200 (three quarters of the run, late enough that steps to it measure
@@ -290,8 +291,8 @@ def measure(task: ConvergenceTask, spec: OptimizerSpec, device: torch.device, la
         "options": spec.options,
     }
     progress(figure, f"{task.name} | {label} lr {summary['lr']:g}: {summary['steps_to_target']:g} steps, "
-                   f"{summary['seconds_to_target']:.2f} s to target, "
-                   f"final loss {summary['final_train_loss']:.3g}")
+                     f"{summary['seconds_to_target']:.2f} s to target, "
+                     f"final loss {summary['final_train_loss']:.3g}")
     return summary, runs[0].points
 
 
