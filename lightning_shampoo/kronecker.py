@@ -77,19 +77,21 @@ def round_stochastically(
     return ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
 
 
-def precondition(stack: Tensor, roots: Sequence[Tensor | None]) -> Tensor:
-    """``X ×₁ P₁ ⋯ ×ₖ Pₖ`` for every block, one ``bmm`` per factor.
+def precondition(stack: Tensor, roots: Sequence[Tensor | None], dtype: torch.dtype | None = None) -> Tensor:
+    """``X ×₁ P₁ ⋯ ×ₖ Pₖ`` for every block, one ``bmm`` per factor, computed in ``dtype`` (default: the
+    matrices' own) and returned in the stack's.
 
     The last mode multiplies from the right, ``X Pₖᵀ`` on the trailing dim, the others from the left,
     ``Pᵢ X₍ᵢ₎`` with dim i moved to the front: for the 2-D blocks of matrices that is ``P₁ X P₂ᵀ`` with
     no copies and a contiguous result.
     """
     n, last = stack.shape[0], stack.dim() - 2
-    dtype = next((root.dtype for root in roots if root is not None), stack.dtype)
+    dtype = dtype or next((root.dtype for root in roots if root is not None), stack.dtype)
     out = stack.to(dtype)
     for dim, root in enumerate(roots):
         if root is None:
             continue
+        root = root.to(dtype)
         if dim == last:
             shape = out.shape
             out = torch.bmm(out.reshape(n, -1, shape[-1]), root.mT).reshape(shape)

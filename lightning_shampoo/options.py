@@ -7,6 +7,7 @@ to pass instead.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +24,33 @@ FACTOR_DTYPES = (torch.float32, torch.bfloat16)
 INVERSE_ROOTS = ("eigh", "newton")
 # Options that decide the state's layout: a checkpoint only loads into an optimizer that agrees on them.
 STRUCTURAL_OPTIONS = ("block_size", "max_preconditioned_dim", "precondition_1d", "max_factor_ratio")
+
+
+# Shampoo's keyword arguments by where they go: the per-group defaults, the step's record, the refresh's.
+GROUP_OPTIONS = (
+    "lr", "betas", "epsilon", "weight_decay", "block_size", "graft", "graft_beta2", "graft_epsilon",
+    "exponent_override", "exponent_multiplier", "pseudo_inverse", "relative_epsilon",
+    "max_preconditioned_dim", "precondition_1d", "max_factor_ratio",
+)  # fmt: skip
+REFRESH_ARGUMENTS = (
+    "refresh", "refresh_lag", "refresh_policy", "refresh_threads", "precondition_frequency",
+    "start_preconditioning_step",
+)  # fmt: skip
+SEPARATE_ARGUMENTS = ("process_group",)  # kept by the optimizer itself
+
+
+def parse_arguments(arguments: dict[str, Any]) -> tuple[dict[str, Any], StepOptions, RefreshOptions]:
+    """Shampoo's flat keyword arguments → the per-group defaults, the step's and the refresh's records,
+    each validated. Every argument goes to exactly one of them (or is one the optimizer keeps)."""
+    step_fields = [field.name for field in dataclasses.fields(StepOptions)]
+    known = {*GROUP_OPTIONS, *REFRESH_ARGUMENTS, *step_fields, *SEPARATE_ARGUMENTS}
+    if set(arguments) != known:
+        raise TypeError(f"Shampoo arguments and their records disagree: {sorted(set(arguments) ^ known)}")
+    defaults = {name: arguments[name] for name in GROUP_OPTIONS}
+    validate_group(defaults)
+    step = StepOptions(**{name: arguments[name] for name in step_fields})
+    refresh = RefreshOptions.from_arguments(*(arguments[name] for name in REFRESH_ARGUMENTS))
+    return defaults, step, refresh
 
 
 def require(condition: bool, message: str) -> None:
@@ -150,6 +178,7 @@ class StepOptions:
     eigh_dtype: torch.dtype = torch.float32
     basis_tolerance: float = 0.01
     factor_dtype: torch.dtype = torch.float32
+    matmul_dtype: torch.dtype | None = None
 
     def __post_init__(self) -> None:
         require(
@@ -175,6 +204,10 @@ class StepOptions:
         require(
             self.factor_dtype in FACTOR_DTYPES,
             f"factor_dtype must be one of {FACTOR_DTYPES}, got {self.factor_dtype}",
+        )
+        require(
+            self.matmul_dtype in (None, *FACTOR_DTYPES),
+            f"matmul_dtype must be None or one of {FACTOR_DTYPES}, got {self.matmul_dtype}",
         )
         require(
             0 <= self.basis_tolerance < 1,

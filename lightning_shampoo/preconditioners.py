@@ -100,8 +100,11 @@ class Preconditioner:
     kind = ""
     matrix = ""  # state key prefix of the refreshed matrices
 
-    def __init__(self, factor_dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self, factor_dtype: torch.dtype = torch.float32, matmul_dtype: torch.dtype | None = None
+    ) -> None:
         self.factor_dtype = factor_dtype
+        self.matmul_dtype = matmul_dtype  # of the per-step products with roots or bases (None: theirs)
 
     def state_dtype(self, key: str) -> torch.dtype:
         """The dtype a state tensor is kept in: ``factor_dtype`` for factors and their matrices, else fp32."""
@@ -211,7 +214,7 @@ class RootInverse(Preconditioner):
         )
         directions = {
             i: [
-                precondition(stack, group_tensors(state, "root", g, plans[i]))
+                precondition(stack, group_tensors(state, "root", g, plans[i]), self.matmul_dtype)
                 for g, stack in enumerate(plans[i].split(momenta_hat[i]))
             ]
             for i, state in enumerate(states)
@@ -259,7 +262,7 @@ class EigenvalueCorrected(Preconditioner):
         if second_moments is not None:
             grafting.update_second_moments(group["graft"], second_moments, grads, group["graft_beta2"])
         rotated = [
-            _rotate(state, plan, grad, into=True)
+            _rotate(state, plan, grad, True, self.matmul_dtype)
             for state, plan, grad in zip(states, plans, grads, strict=True)
         ]
         beta1, beta2 = group["betas"][0], group["graft_beta2"]
@@ -283,13 +286,13 @@ class EigenvalueCorrected(Preconditioner):
             group["graft_epsilon"],
         )
         updates = [
-            _rotate(state, plan, u, into=False)
+            _rotate(state, plan, u, False, self.matmul_dtype)
             for state, plan, u in zip(states, plans, rotated_updates, strict=True)
         ]
         if group["graft"] == "none":
             return updates
         momenta = [
-            _rotate(state, plan, m, into=False)
+            _rotate(state, plan, m, False, self.matmul_dtype)
             for state, plan, m in zip(states, plans, momenta_hat, strict=True)
         ]
         diagonals = grafting.diagonal_updates(
@@ -304,14 +307,15 @@ class EigenvalueCorrected(Preconditioner):
         return graft_onto(group, plans, directions, diagonals)
 
 
-def _rotate(state: State, plan: BlockPlan, tensor: Tensor, into: bool) -> Tensor:
-    """``X ×₁ Q₁ᵀ ⋯ ×ₖ Qₖᵀ`` per block (``into`` the eigenbasis), or ``X ×₁ Q₁ ⋯ ×ₖ Qₖ`` (back)."""
+def _rotate(state: State, plan: BlockPlan, tensor: Tensor, into: bool, dtype: torch.dtype | None) -> Tensor:
+    """``X ×₁ Q₁ᵀ ⋯ ×ₖ Qₖᵀ`` per block (``into`` the eigenbasis), or ``X ×₁ Q₁ ⋯ ×ₖ Qₖ`` (back), the
+    products in ``dtype``."""
     if not plan.preconditioned:
         return tensor
     stacks = []
     for g, stack in enumerate(plan.split(tensor)):
         bases = group_tensors(state, "basis", g, plan)
-        stacks.append(precondition(stack, [b.mT if into and b is not None else b for b in bases]))
+        stacks.append(precondition(stack, [b.mT if into and b is not None else b for b in bases], dtype))
     return plan.merge(stacks)
 
 
