@@ -3,7 +3,9 @@
 Every figure is a function ``Settings -> FigureResult`` registered in :data:`FIGURES`, in the order of
 the results file. Results are merged into ``OUT/results.json`` and ``OUT/results.md`` is re-rendered.
 A run that is not ``--quick`` also regenerates the results block of ``--readme`` (by default the
-repository's README.md when OUT is the default ``benchmarks/results``).
+repository's README.md when OUT is the default ``benchmarks/results``). A ``--quick`` run writes into the
+scratch folder ``runs/benchmarks_quick`` (git-ignored) unless ``--out`` says otherwise: its numbers never
+replace the committed results.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from . import ablation, convergence, memory, readme, refresh_hiding, report, roo
 from .harness import FigureResult, Settings, machine_info, progress
 
 DEFAULT_OUT = report.RESULTS_DIR
+QUICK_OUT = report.RESULTS_DIR.parents[1] / "runs" / "benchmarks_quick"
 
 
 @dataclass(frozen=True)
@@ -49,13 +52,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                         help="torch intra-op threads for every measurement (default: all CPUs)")
     parser.add_argument("--device", default="cpu", help="torch device for models and matrices (default: cpu)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT,
-                        help=f"output folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output folder (default: {DEFAULT_OUT}; with --quick: {QUICK_OUT})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--readme", type=Path, default=None,
                         help="README whose results block a run that is not --quick regenerates (default: "
                              f"{readme.README} when --out is the default folder, else none)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else DEFAULT_OUT
     if args.readme is None and args.out.resolve() == DEFAULT_OUT:
         args.readme = readme.README
     return args

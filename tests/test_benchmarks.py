@@ -133,15 +133,19 @@ def test_quick_scaling_splits_the_factors(quick_run: tuple[Path, str]) -> None:
     out, _ = quick_run
     per_rank = _figure(out, "scaling")["data"]["per_rank"]
     config = scaling.QUICK
-    # Per Linear(64, 64) at block_size 32: 4 weight blocks with 2 factors and 2 roots of 32×32, and the
-    # bias as 2 one-dimensional blocks with a factor and a root each; fp32.
-    total = config.layers * (4 * 4 + 2 * 2) * 32 * 32 * 4
+    # At block_size 32: 4 blocks per Linear(64, 64) and 16×2 of the 512×64 head, each with 2 factors and 2
+    # roots of 32×32; fp32.
+    blocks = config.layers * 4 + 32
+    total = blocks * 4 * 32 * 32 * 4
     assert [r["factor_bytes"] for r in per_rank["1 rank"]] == [total]
-    sharded = [r["factor_bytes"] for r in per_rank["2 ranks, sharded"]]
-    assert sum(sharded) == total and max(sharded) < total
     assert [r["factor_bytes"] for r in per_rank["2 ranks, replicated"]] == [total, total]
+    for label, ranks in (("2 ranks, sharded", 2), ("4 ranks, sharded", 4)):
+        sharded = [r["factor_bytes"] for r in per_rank[label]]
+        # The head, over half of the work, is split by blocks: every rank within a block of its share.
+        assert sum(sharded) == total and max(sharded) <= total / ranks + 4 * 32 * 32 * 4
+        assert all(r["split"] == [config.layers] for r in per_rank[label])
     timed = [r["refreshes_timed"] for ranks in per_rank.values() for r in ranks]
-    assert timed == [config.steps // config.frequency] * 5
+    assert timed == [config.steps // config.frequency] * 9
 
 
 def test_quick_step_time_ratios_are_side_by_side(quick_run: tuple[Path, str]) -> None:
@@ -286,10 +290,14 @@ def test_scaling_summary_takes_the_most_loaded_rank() -> None:
         return dict.fromkeys(("factor_bytes", "refresh_s", "refresh_cpu_s", "step_s", "step_cpu_s"), value)
 
     runs = {"1 rank": [rank(8.0)], "2 ranks, sharded": [rank(3.0), rank(5.0)],
-            "2 ranks, replicated": [rank(10.0), rank(9.0)]}
-    summary = scaling.summary(runs)["refresh_s"]
-    assert summary["one_over_sharded"] == 8 / 5 and summary["sharded_over_replicated"] == 5 / 10
-    assert scaling.ROWS[1][3].verdict(summary) == "1 rank / sharded ≥1.8: missed by 1.12×"
+            "2 ranks, replicated": [rank(10.0), rank(9.0)],
+            "4 ranks, sharded": [rank(1.0), rank(2.0), rank(2.5), rank(0.5)]}
+    summary = scaling.summary(runs)["refresh_cpu_s"]
+    assert summary["one_over_two"] == 8 / 5 and summary["sharded_over_replicated"] == 5 / 10
+    assert summary["one_over_four"] == 8 / 2.5
+    assert scaling.ROWS[2][3].verdict(summary) == (
+        "1 rank / 2 sharded ≥1.8: missed by 1.12×; 1 rank / 4 sharded ≥3.5: missed by 1.09×"
+    )
 
 
 def test_readme_block_is_generated_from_the_committed_results() -> None:
