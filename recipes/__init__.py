@@ -2,6 +2,7 @@
 
 from .data import CharWindows, Digits, ResumableDataLoader, ResumableSampler, StdlibText, stdlib_source
 from .models import CharTransformer, DigitsMLP
+from .schedules import WarmupCosine
 
 __all__ = [
     "CharTransformer",
@@ -11,5 +12,6 @@ __all__ = [
     "ResumableDataLoader",
     "ResumableSampler",
     "StdlibText",
+    "WarmupCosine",
     "stdlib_source",
 ]
