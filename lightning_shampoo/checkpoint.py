@@ -59,6 +59,12 @@ def sharded_state_dict(optimizer: Shampoo) -> dict[str, Any]:
     Call it on every rank and save the dicts together (DCP merges them).
     """
     state = optimizer.shard_state_dict()
+    if state["shampoo"].get("shard", {}).get("split"):
+        raise ValueError(
+            "Shampoo splits the blocks of a large parameter across ranks (distribute='sharded'), which these "
+            "per-rank files cannot store yet: save optimizer.state_dict() after consolidate_state_dict() on "
+            "every rank instead (it loads on any number of ranks)."
+        )
     extra = {key: value for key, value in state["shampoo"].items() if key not in ("engine", "shard")}
     flat: dict[str, Any] = {"meta": encode({"param_groups": state["param_groups"], "shampoo": extra})}
     for index, param_state in state["state"].items():

@@ -1,18 +1,21 @@
 """Where Shampoo's work and state live across data-parallel ranks: one layout object, chosen once.
 
 The optimizer asks its layout which parameters this rank computes (:meth:`Layout.owns`), for the plain
-tensors it computes on (:meth:`Layout.local`), how those are cut into blocks (:meth:`Layout.plan`),
-whether the ranks agree that a gradient is finite (:meth:`Layout.agree`), and runs
-:meth:`Layout.after_step` once per step. State dicts go through the layout too: it turns this rank's
-plain per-block state into what is saved (:meth:`Layout.export`) and back (:meth:`Layout.import_`), keeps
-what this rank owns of a complete checkpoint and gathers the complete one (:meth:`Layout.gather`).
+tensors it computes on (:meth:`Layout.local`; :meth:`Layout.weight` and :meth:`Layout.part`: the part of
+them this rank computes), how those are cut into blocks (:meth:`Layout.plan`), whether the ranks agree that
+a gradient is finite (:meth:`Layout.agree`), and runs :meth:`Layout.after_step` once per step. State dicts
+go through the layout too: it turns this rank's plain per-block state into what is saved
+(:meth:`Layout.export`) and back (:meth:`Layout.import_`), keeps what this rank owns of a complete
+checkpoint (:meth:`Layout.keep`) and gathers the complete one (:meth:`Layout.gather`).
 
 * :class:`Layout` — one process, or every rank does all the work (``distribute="replicated"``).
 * :class:`OwnerSharded` — replicated parameters (DDP): every parameter has one owner rank from a
-  deterministic, cost-balanced assignment; only the owner keeps its state and computes its update, and
-  one all-gather per step copies every owner's parameters to the other ranks, bit for bit. A rank's state
-  is exactly the single-process state of its parameters, so merging ranks' state is a union and loading on
-  another number of ranks is a filter.
+  deterministic, cost-balanced assignment, or, if it is too large to balance whole, its blocks are split
+  into parts owned by several ranks (:mod:`.partition`); only the owners keep its state and compute its
+  update, and one all-gather per step copies every owner's parameters and parts to the other ranks, bit
+  for bit. A rank's state of a whole parameter is exactly the single-process state; a split parameter's
+  parts join into it (stacks in block order). So merging ranks' state is a union (after the join), and
+  loading on another number of ranks is a filter (and a cut).
 * :class:`ShardLocal` — FSDP2 (DTensor parameters sharded along dim 0): each rank preconditions its local
   shard as blocks of its own, without communication. Uneven shards are planned at the common (ceil) shard
   length with zero rows appended (:class:`ShardPlan`): zero rows add nothing to any statistic and receive a
@@ -34,6 +37,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .blocking import BlockPlan
+from .cost import Work
+from .partition import PartPlan, Split, assign
+from .sync import ParameterSync, check_replicated
 
 DISTRIBUTE_MODES = ("sharded", "replicated")
 Planner = Callable[[tuple[int, ...]], BlockPlan]
@@ -55,12 +61,27 @@ class Layout:
         return True
 
     def local(self, tensor: Tensor) -> Tensor:
-        """The plain tensor this rank computes on (a view: in-place ops reach the original)."""
+        """The plain tensor this rank holds (a view: in-place ops reach the original)."""
+        return tensor
+
+    def weight(self, param: Tensor) -> Tensor:
+        """What this rank updates in place of ``param``: its local tensor, or the part of it this rank
+        computes (a copy, which :meth:`after_step` writes back)."""
+        return self.local(param)
+
+    def part(self, param: Tensor, tensor: Tensor) -> Tensor:
+        """The part this rank computes of ``tensor``, a local tensor shaped like ``param``'s (e.g. its
+        gradient): all of it, or a copy of this rank's blocks of a parameter split across ranks."""
         return tensor
 
     def plan(self, param: Tensor, planner: Planner) -> BlockPlan:
         """The blocks of the part of ``param`` this rank preconditions."""
         return planner(tuple(param.shape))
+
+    def saved_plan(self, param: Tensor, planner: Planner) -> BlockPlan:
+        """The blocks of ``param``'s state as saved: this rank's (:meth:`plan`), or the whole parameter's
+        where the saved state joins the parts of several ranks."""
+        return self.plan(param, planner)
 
     def export(self, param: Tensor, value: Tensor, *, per_block: bool) -> Tensor:
         """State of ``param`` as saved: a per-block stack ``(n, …)`` or a tensor shaped like the local
@@ -90,7 +111,11 @@ class Layout:
         """The complete state dict on rank ``to`` from every rank's share (collective where sharded)."""
         return state_dict
 
-    def extend(self, params: Sequence[Tensor], names: Sequence[str], costs: Sequence[float]) -> Layout:
+    def keep(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """What this rank keeps of a complete (validated) state dict."""
+        return state_dict
+
+    def extend(self, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]) -> Layout:
         """The layout after ``params`` (all of them, new ones last) gained new parameters."""
         return self
 
@@ -98,29 +123,13 @@ class Layout:
 # ---------------------------------------------------------------------------------------- DDP
 
 
-def assign_owners(
-    costs: Sequence[float], world_size: int, loads: Sequence[float] | None = None
-) -> tuple[tuple[int, ...], tuple[float, ...]]:
-    """Owner rank of every item and the ranks' loads: longest-processing-time greedy (costliest first, to
-    the least loaded rank), starting from ``loads``.
-
-    Deterministic (ties go to the lower index and the lower rank), so every rank computes the same
-    assignment; the most loaded rank exceeds the optimum by at most the costliest item.
-    """
-    current = list(loads) if loads is not None else [0.0] * world_size
-    owners = [0] * len(costs)
-    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        rank = min(range(world_size), key=lambda r: (current[r], r))
-        owners[index] = rank
-        current[rank] += costs[index]
-    return tuple(owners), tuple(current)
-
-
 class OwnerSharded(Layout):
-    """Replicated parameters, each computed by its owner rank; one all-gather per step (see module doc).
+    """Replicated parameters, each computed by its owner rank or split by blocks across several; one
+    all-gather per step (see the module doc and :mod:`.partition`).
 
-    Collective to build (it checks that the parameters are replicated). ``previous``: the layout of the
-    first parameters, which keep their owners (after ``add_param_group``).
+    Collective to build (it checks that the parameters are replicated). ``work``: every parameter's blocks
+    and costs. ``previous``: the layout of the first parameters, which keep their owners and parts (after
+    ``add_param_group``).
     """
 
     name = "sharded"
@@ -130,28 +139,54 @@ class OwnerSharded(Layout):
         group: Any,
         params: Sequence[Tensor],
         names: Sequence[str],
-        costs: Sequence[float],
+        work: Sequence[Work],
         previous: OwnerSharded | None = None,
     ) -> None:
         self.group = group
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
-        known = len(previous.owners) if previous is not None else 0
-        _check_replicated(params[known:], names[known:], group, self.world_size)
-        owners, self.loads = assign_owners(
-            costs[known:], self.world_size, previous.loads if previous is not None else None
-        )
-        self.owners = (previous.owners if previous is not None else ()) + owners
-        self._sync = ParameterSync(params, self.owners, self.rank, group)
+        known = len(previous.ranges) if previous is not None else 0
+        check_replicated(params[known:], names[known:], group, self.world_size)
+        ranges, self.loads = assign(work[known:], self.world_size, previous.loads if previous else None)
+        self.ranges = (previous.ranges if previous is not None else ()) + ranges
+        # Owner of every whole parameter; -1 where split, with the parts of every rank in ``splits``.
+        self.owners = tuple(r[0][0] if len(r) == 1 else -1 for r in self.ranges)
+        self.splits = {i: Split.of(work[i].plan, r) for i, r in enumerate(self.ranges) if self.owners[i] < 0}
+        self._indices = {param: i for i, param in enumerate(params)}
+        self._weights: dict[int, Tensor] = {}  # this step's updated parts of split parameters
+        self._sync = ParameterSync(params, self.owners, self.rank, group, self.splits)
 
     def owns(self, index: int) -> bool:
-        return self.owners[index] == self.rank
+        split = self.splits.get(index)
+        return self.owners[index] == self.rank if split is None else self.rank in split.parts
+
+    def _part_plan(self, param: Tensor) -> PartPlan | None:
+        split = self.splits.get(self._indices.get(param, -1))
+        return split.parts.get(self.rank) if split is not None else None
+
+    def weight(self, param: Tensor) -> Tensor:
+        plan = self._part_plan(param)
+        if plan is None:
+            return param
+        weight = self._weights[self._indices[param]] = plan.take(param.detach())
+        return weight
+
+    def part(self, param: Tensor, tensor: Tensor) -> Tensor:
+        plan = self._part_plan(param)
+        return tensor if plan is None else plan.take(tensor)
+
+    def plan(self, param: Tensor, planner: Planner) -> BlockPlan:
+        return self._part_plan(param) or planner(tuple(param.shape))
+
+    def saved_plan(self, param: Tensor, planner: Planner) -> BlockPlan:
+        return planner(tuple(param.shape))
 
     def after_step(self) -> None:
-        self._sync()
+        self._sync(self._weights)
+        self._weights.clear()
 
     def shard_info(self) -> dict[str, Any]:
-        return {"rank": self.rank, "owners": list(self.owners)}
+        return {"rank": self.rank, "owners": list(self.owners), "split": sorted(self.splits)}
 
     def gather(self, state_dict: dict[str, Any], to: int) -> dict[str, Any] | None:
         from .statedict import map_tensors, merge_state_dicts
@@ -161,83 +196,57 @@ class OwnerSharded(Layout):
         dist.gather_object(
             map_tensors(state_dict, lambda t: t.detach().cpu()), gathered, dst=dst, group=self.group
         )
-        return None if gathered is None else merge_state_dicts(gathered, to)
+        return None if gathered is None else merge_state_dicts(self._joined(gathered, to), to)
 
-    def extend(self, params: Sequence[Tensor], names: Sequence[str], costs: Sequence[float]) -> Layout:
-        return OwnerSharded(self.group, params, names, costs, previous=self)
+    def _joined(self, shares: list[dict[str, Any]], to: int) -> list[dict[str, Any]]:
+        """The shares with every split parameter's parts (state and refreshes in flight) joined into the
+        complete ones, in rank ``to``'s share."""
+        from .statedict import pending_entries, pending_state
 
+        if not self.splits:
+            return shares
+        keys = [key for group in shares[to]["param_groups"] for key in group["params"]]
+        states = [dict(share["state"]) for share in shares]
+        entries = [pending_entries(share["shampoo"]["engine"]) for share in shares]
+        for index, split in self.splits.items():
+            parts = {rank: states[rank].pop(keys[index], None) for rank in split.parts}
+            if all(parts.values()):  # all or none: the parts step together
+                states[to][keys[index]] = split.join_states(parts)
+            mine = {
+                rank: [e for e in entries[rank] if e["snapshot"]["param_index"] == index]
+                for rank in split.parts
+            }
+            entries = [[e for e in items if e["snapshot"]["param_index"] != index] for items in entries]
+            entries[to] += split.join_entries(mine)
+        return [
+            {**share, "state": state, "shampoo": {**share["shampoo"], "engine": pending_state(items)}}
+            for share, state, items in zip(shares, states, entries, strict=True)
+        ]
 
-def _check_replicated(params: Sequence[Tensor], names: Sequence[str], group: Any, world_size: int) -> None:
-    """Collective: refuse parameters that differ between ranks, since owners overwrite the others' copies."""
-    fingerprint = [
-        (tuple(p.shape), str(p.dtype), float(torch.nan_to_num(p.detach().double()).sum())) for p in params
-    ]
-    gathered: list[Any] = [None] * world_size
-    dist.all_gather_object(gathered, fingerprint, group=group)
-    for rank, other in enumerate(gathered):
-        if len(other) != len(fingerprint):
-            raise ValueError(
-                f"Shampoo(distribute='sharded'): rank {rank} has {len(other)} parameters, this rank "
-                f"{len(fingerprint)}. Sharding needs the same replicated parameters on every rank (DDP); "
-                "pass distribute='replicated' or the data-parallel process_group."
-            )
-        for name, mine, theirs in zip(names, fingerprint, other, strict=True):
-            if mine != theirs:
-                raise ValueError(
-                    f"Shampoo(distribute='sharded'): {name} differs between this rank and rank {rank}. "
-                    "Owners overwrite the other ranks' copies, so parameters must start replicated: wrap "
-                    "the model in DistributedDataParallel before the first step, or pass "
-                    "distribute='replicated'."
-                )
+    def keep(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        from .statedict import owned_part, pending_entries, pending_state
 
+        kept = owned_part(state_dict, [self.owns(i) for i in range(len(self.owners))])
+        mine = {i: split for i, split in self.splits.items() if self.rank in split.parts}
+        if not mine:
+            return kept
+        keys = [key for group in kept["param_groups"] for key in group["params"]]
+        state = {
+            key: mine[i].cut_state(self.rank, kept["state"][key]) if i in mine else kept["state"][key]
+            for i, key in enumerate(keys)
+            if key in kept["state"]
+        }
+        extra = dict(kept.get("shampoo", {}))
+        if "engine" in extra:
+            entries = []
+            for entry in pending_entries(extra["engine"]):
+                split = mine.get(entry["snapshot"]["param_index"])
+                entries += split.cut_entry(self.rank, entry) if split is not None else [entry]
+            extra["engine"] = pending_state(entries)
+        return {**kept, "state": state, "shampoo": extra}
 
-# Slot offsets are multiples of this many bytes, so every slot can be viewed as any dtype.
-SLOT_ALIGNMENT = 16
-
-
-def _aligned(size: int) -> int:
-    return -(-size // SLOT_ALIGNMENT) * SLOT_ALIGNMENT
-
-
-class ParameterSync:
-    """The per-step collective: every owner's parameters, as raw bytes, all-gathered in one call.
-
-    Each rank packs its own parameters into a byte buffer (slots aligned to :data:`SLOT_ALIGNMENT` bytes,
-    padded to the longest rank's), one ``all_gather`` exchanges the buffers, and every rank copies the
-    others' bytes into its parameters: mixed dtypes travel in one message and arrive bit for bit.
-    """
-
-    def __init__(self, params: Sequence[Tensor], owners: Sequence[int], rank: int, group: Any) -> None:
-        devices = {p.device for p in params}
-        if len(devices) > 1:
-            raise ValueError(f"Shampoo(distribute='sharded') needs parameters on one device, got {devices}")
-        self._rank, self._group = rank, group
-        world_size = dist.get_world_size(group)
-        used = [0] * world_size
-        self._slots: list[tuple[Tensor, int, int, int]] = []  # (param, owner, offset, bytes)
-        for param, owner in zip(params, owners, strict=True):
-            size = param.numel() * param.element_size()
-            self._slots.append((param, owner, used[owner], size))
-            used[owner] = _aligned(used[owner] + size)
-        self._width = max(used, default=0)
-        device = next(iter(devices), torch.device("cpu"))
-        self._send = torch.zeros(self._width, dtype=torch.uint8, device=device)
-        self._received = torch.zeros(world_size * self._width, dtype=torch.uint8, device=device)
-
-    def __call__(self) -> None:
-        if not self._width:
-            return
-        for param, owner, offset, size in self._slots:
-            if owner == self._rank and size:
-                self._send[offset : offset + size].copy_(param.detach().reshape(-1).view(torch.uint8))
-        # Newer torch names all_gather_into_tensor (deprecated there) all_gather_single.
-        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-        gather(self._received, self._send, group=self._group)
-        for param, owner, offset, size in self._slots:
-            if owner != self._rank and size:
-                start = owner * self._width + offset
-                chunk = self._received[start : start + size]
-                param.detach().copy_(chunk.view(param.dtype).view(param.shape))
+    def extend(self, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]) -> Layout:
+        return OwnerSharded(self.group, params, names, work, previous=self)
 
 
 # ---------------------------------------------------------------------------------------- FSDP2
@@ -338,7 +347,7 @@ def _shard_counts(param: Tensor) -> list[int]:
 
 
 def choose_layout(
-    mode: str, group: Any, params: Sequence[Tensor], names: Sequence[str], costs: Sequence[float]
+    mode: str, group: Any, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]
 ) -> Layout:
     """The layout of ``params``: shard-local for DTensor parameters; owner-sharded (``mode="sharded"``) with
     an initialized process group of several ranks; else replicated. Collective when it shards."""
@@ -350,4 +359,4 @@ def choose_layout(
         return Layout()
     if dist.get_world_size(group) == 1:
         return Layout()
-    return OwnerSharded(group, params, names, costs)
+    return OwnerSharded(group, params, names, work)

@@ -159,12 +159,13 @@ class Shampoo(Optimizer):
         """Where the work and state live across ranks (decided at first use: a collective when sharded)."""
         if self._layout is None:
             loaded = self.shard_state_dict() if self._loaded_whole else None
-            self._layout = choose_layout(
+            layout = self._layout = choose_layout(
                 self.options.distribute, self._process_group, self._params(), self._names(), self._work()
             )
             self._plans.clear()
-            if loaded is not None and self._layout.shard_info() is not None:
+            if loaded is not None and layout.shard_info() is not None:
                 self.load_state_dict(loaded)  # kept where this rank owns it (cut where split by blocks)
+                self._layout = layout  # torch's load_state_dict runs __setstate__, which forgets it
         return self._layout
 
     @property

@@ -131,6 +131,12 @@ def validate(
         if not spec.owned:
             continue
         saved = state_dict["state"].get(key)
+        if shard is not None and index in shard.get("split", ()):
+            raise ValueError(
+                f"Shampoo checkpoint holds only rank {shard['rank']}'s share of {spec.name}, whose blocks "
+                "are split across ranks. Save after consolidate_state_dict() on every rank (Lightning and "
+                "prepare_shampoo do it)."
+            )
         if saved:
             _check_structure(saved_group, group, spec.name)
             _check_param_state(saved, spec, load_values)

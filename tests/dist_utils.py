@@ -1,4 +1,5 @@
-"""Real multi-process tests: spawn ranks with a gloo process group, collect what each rank returns.
+"""Real multi-process tests: ranks spawned with a gloo process group by :mod:`benchmarks.spawn` (the
+harness the scaling benchmark uses too), a small model and its data, and the one-process references.
 
 The function a test runs on every rank must be importable (a module-level function of the test file,
 which pytest puts on ``sys.path``); it gets ``(rank, world_size, *args)`` and returns something
@@ -7,45 +8,55 @@ which pytest puts on ``sys.path``); it gets ``(rank, world_size, *args)`` and re
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
-import tempfile
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from benchmarks.spawn import free_port, run_ranks
+
+__all__ = ["free_port", "run_ranks"]
+
+COLLECTIVES = (
+    "all_gather_single",
+    "all_gather_into_tensor",
+    "all_gather",
+    "all_gather_object",
+    "all_reduce",
+    "broadcast",
+    "broadcast_object_list",
+    "gather_object",
+    "reduce_scatter_tensor",
+)
 
 
-def free_port() -> int:
-    """A TCP port free right now, for one test's rendezvous (picked by the OS, not shared by tests)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@contextmanager
+def counting_collectives(calls: list[str]) -> Iterator[None]:
+    """Record the outermost torch.distributed collective calls made inside the block (they still run)."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+    depth = [0]
 
+    def wrap(name: str, fn: Any) -> Any:
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            if not depth[0]:
+                calls.append(name)
+            depth[0] += 1
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[0] -= 1
 
-def _worker(
-    rank: int, fn: Callable[..., Any], world_size: int, port: int, out: str, args: tuple[Any, ...]
-) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        return counted
+
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
     try:
-        result = fn(rank, world_size, *args)
-        torch.save(result, Path(out) / f"rank{rank}.pt")
+        yield
     finally:
-        dist.destroy_process_group()
-
-
-def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks; their results by rank."""
-    with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_worker, args=(fn, world_size, free_port(), out, args), nprocs=world_size, join=True)
-        return [torch.load(Path(out) / f"rank{rank}.pt", weights_only=False) for rank in range(world_size)]
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
 
 
 # ------------------------------------------------------------------ a small model and its data
@@ -92,13 +103,13 @@ def split_batch_backward(model: torch.nn.Module, x: torch.Tensor, y: torch.Tenso
             param.grad.div_(world_size)
 
 
-def train_one_process(model: torch.nn.Module, opt: Any, steps: list) -> list:
-    """Train in one process on the gradients DDP gives 2 ranks (``split_batch_backward``); the parameters
-    after every step."""
+def train_one_process(model: torch.nn.Module, opt: Any, steps: list, world_size: int = 2) -> list:
+    """Train in one process on the gradients DDP gives ``world_size`` ranks (``split_batch_backward``); the
+    parameters after every step."""
     trajectory = []
     for x, y in steps:
         opt.zero_grad()
-        split_batch_backward(model, x, y, world_size=2)
+        split_batch_backward(model, x, y, world_size)
         opt.step()
         trajectory.append(flat_params(model))
     return trajectory

@@ -9,12 +9,10 @@ from __future__ import annotations
 import itertools
 import math
 import random
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.distributed as dist
-from dist_utils import batches, flat_params, mlp, rank_rows, run_ranks
+from dist_utils import batches, counting_collectives, flat_params, mlp, rank_rows, run_ranks
 from reference import reference_blocks
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -22,7 +20,8 @@ from torch.nn.parallel import DistributedDataParallel
 from lightning_shampoo import Shampoo
 from lightning_shampoo.blocking import plan_blocks
 from lightning_shampoo.cost import ELEMENTWISE_FLOPS, REFRESH_FLOPS, parameter_cost
-from lightning_shampoo.layout import ParameterSync, assign_owners
+from lightning_shampoo.layout import ParameterSync
+from lightning_shampoo.partition import assign_owners
 
 # Whole-batch and split-batch gradients differ by rounding (~1e-8). Roots from few, rank-deficient statistics
 # (a bias gets a rank-1 update per step) amplify that 10⁴-fold at ε = 1e-6·λmax, in one process alike; so the
@@ -31,46 +30,6 @@ OPTIONS = dict(
     lr=1e-2, block_size=8, start_preconditioning_step=4, precondition_frequency=3, precondition_1d=False
 )
 STEPS = 12
-COLLECTIVES = (
-    "all_gather_single",
-    "all_gather_into_tensor",
-    "all_gather",
-    "all_gather_object",
-    "all_reduce",
-    "broadcast",
-    "broadcast_object_list",
-    "gather_object",
-    "reduce_scatter_tensor",
-)
-
-
-@contextmanager
-def _counting(calls: list[str]):
-    """Record the outermost torch.distributed collective calls made inside the block."""
-    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
-    depth = [0]
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            if not depth[0]:
-                calls.append(name)
-            depth[0] += 1
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                depth[0] -= 1
-
-        return counted
-
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
 def _train_ddp(rank, world_size, batches, distribute):
     model = mlp()
     ddp = DistributedDataParallel(model)
@@ -81,7 +40,7 @@ def _train_ddp(rank, world_size, batches, distribute):
         opt.zero_grad()
         nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
         calls: list[str] = []
-        with _counting(calls):
+        with counting_collectives(calls):
             opt.step()
         collectives.append(calls)
         trajectory.append(flat_params(model))
