@@ -17,6 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
 
+from lightning_shampoo._extras import Requirement, check_requirements
+
 
 class ResumableSampler(DistributedSampler):
     """A ``DistributedSampler`` whose next pass starts ``start`` indices into the epoch.
@@ -161,13 +163,16 @@ class Digits(_RecipeData):
 
     num_features = 64
     num_classes = 10
+    # Optional (the `recipes` extra): checked when built (and by the CLI before it builds anything).
+    requires = (Requirement("sklearn", "scikit-learn", "The digits data (scikit-learn's bundled images)"),)
 
     def __init__(self, batch_size: int = 64, val_fraction: float = 0.2, seed: int = 0) -> None:
+        check_requirements(type(self))
         super().__init__(batch_size, seed)
         self.val_fraction = val_fraction
 
     def setup(self, stage: str) -> None:
-        from sklearn.datasets import load_digits  # optional dependency (the `test` extra): imported on use
+        from sklearn.datasets import load_digits
 
         digits = load_digits()
         images = torch.tensor(digits.data, dtype=torch.float32) / 16.0

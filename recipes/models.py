@@ -1,7 +1,9 @@
 """The recipes' models: a byte-level transformer language model and an MLP classifier.
 
-Both take the optimizer as a callable (``OptimizerCallable``), so a YAML recipe picks it with ``class_path`` /
-``init_args`` and plain Python passes e.g. ``lambda params: Shampoo(params, lr=1e-3)``.
+Both take the optimizer and the learning-rate schedule as callables (LightningCLI's dependency injection:
+``OptimizerCallable``, ``LRSchedulerCallable``), so a YAML recipe picks them with ``class_path`` /
+``init_args`` and plain Python passes e.g. ``lambda params: Shampoo(params, lr=1e-3)`` and
+``lambda opt: WarmupCosine(opt, warmup_steps=25)``. The schedule steps once per optimizer step.
 """
 
 from __future__ import annotations
@@ -9,11 +11,14 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torch.optim import Optimizer
 from torchmetrics.classification import MulticlassAccuracy
 from torchmetrics.text import Perplexity
+
+from .schedules import WarmupCosine
 
 
 class _RecipeModule(pl.LightningModule):
@@ -24,18 +29,27 @@ class _RecipeModule(pl.LightningModule):
 
     throughput_unit = "samples"
 
-    def __init__(self, optimizer: OptimizerCallable) -> None:
+    def __init__(self, optimizer: OptimizerCallable, scheduler: LRSchedulerCallable | None) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
 
-    def configure_optimizers(self) -> Optimizer:
+    def configure_optimizers(self) -> Optimizer | OptimizerLRSchedulerConfig:
         # Named parameters: Shampoo names the offending parameter in its messages.
-        return self.optimizer_factory(self.named_parameters())
+        optimizer = self.optimizer_factory(self.named_parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosine) and scheduler.total_steps is None:
+            scheduler.set_total_steps(int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         inputs, targets = batch
         loss = F.cross_entropy(self(inputs).flatten(0, -2), targets.flatten())
         self.log("train_loss", loss, prog_bar=True)
+        # The rate this step used (first param group), so a schedule shows in the logs.
+        self.log("lr", self.optimizers().param_groups[0]["lr"])
         return loss
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -61,6 +75,8 @@ class CharTransformer(_RecipeModule):
         n_layers: transformer layers.
         dropout: dropout in attention and feed-forward blocks.
         optimizer: builds the optimizer from the named parameters.
+        scheduler: builds the learning-rate schedule from the optimizer (stepped every optimizer step);
+            None: a constant rate.
     """
 
     throughput_unit = "tokens"
@@ -74,9 +90,10 @@ class CharTransformer(_RecipeModule):
         n_layers: int = 2,
         dropout: float = 0.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(optimizer)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         self.embed = nn.Embedding(vocab_size, d_model)
         self.position = nn.Embedding(context, d_model)
         for table in (self.embed, self.position):
@@ -113,6 +130,8 @@ class DigitsMLP(_RecipeModule):
         hidden: width of the hidden layers.
         depth: number of hidden layers.
         optimizer: builds the optimizer from the named parameters.
+        scheduler: builds the learning-rate schedule from the optimizer (stepped every optimizer step);
+            None: a constant rate.
     """
 
     def __init__(
@@ -122,9 +141,10 @@ class DigitsMLP(_RecipeModule):
         hidden: int = 128,
         depth: int = 2,
         optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: LRSchedulerCallable | None = None,
     ) -> None:
-        super().__init__(optimizer)
-        self.save_hyperparameters(ignore=["optimizer"])
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         layers: list[nn.Module] = []
         width = num_features
         for _ in range(depth):

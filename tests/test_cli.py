@@ -1,16 +1,25 @@
-"""The ``lightning-shampoo`` CLI: every recipe YAML runs a few steps (each Shampoo recipe with its twin)."""
+"""The ``lightning-shampoo`` CLI: every recipe YAML runs a few steps (each Shampoo recipe with its twin),
+the optimizer and schedule options reach the recipe modules, plots are per run, and the console script
+arranges CPU threads without a library import touching the environment."""
 
 from __future__ import annotations
 
 import math
+import os
+import subprocess
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
 import yaml
+from jsonargparse import Namespace
 
-from lightning_shampoo.cli import main, run, twin_args
+from lightning_shampoo import _cpu
+from lightning_shampoo.__main__ import main
+from lightning_shampoo._extras import MissingExtra, Requirement, check_requirements
+from lightning_shampoo.cli import plot_path, route_optimizer_and_scheduler, run, twin_args
+from lightning_shampoo.recipes import Digits
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 # A fast-dev-run style schedule: 2 batches per epoch, so step 3 follows an epoch end (an epoch-end refresh).
@@ -88,8 +97,177 @@ def test_console_script_is_installed_and_documents_its_options(capsys: pytest.Ca
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "lightning-shampoo"]
     assert script.load() is main
     assert (Path(sys.executable).parent / "lightning-shampoo").is_file()
-    with pytest.raises(SystemExit) as exit_info:
-        run(["fit", "--help"])
-    assert exit_info.value.code == 0
-    help_text = capsys.readouterr().out
-    assert "--twin" in help_text and "--plot" in help_text
+    for command in (["--help"], ["fit", "--help"]):
+        with pytest.raises(SystemExit) as exit_info:
+            run(command)
+        assert exit_info.value.code == 0
+        help_text = capsys.readouterr().out
+        # Where the recipes are, what they are called, how to run one, and the options of this CLI.
+        assert str(RECIPES) in help_text
+        assert all(name in help_text for name in LIGHTNING_RECIPES)
+        assert f"lightning-shampoo fit --config {RECIPES}/char_lm_shampoo.yaml" in help_text
+        for option in ("--twin", "--plot", "--lr_scheduler", "OMP_WAIT_POLICY"):
+            assert option in help_text
+
+
+DIGITS_ALONE = [
+    "fit", "--config", str(RECIPES / "digits_shampoo.yaml"), "--twin=null", "--plot=null", *FAST
+]
+COSINE = ["--lr_scheduler=CosineAnnealingLR", "--lr_scheduler.T_max=4"]
+
+
+def test_lr_scheduler_on_the_command_line_changes_the_trajectory_and_the_logged_lr() -> None:
+    (constant,) = run([*DIGITS_ALONE, "--model.scheduler=null"])
+    twin = f"--twin={RECIPES / 'digits_adamw.yaml'}"
+    shampoo, adamw = run([*DIGITS_ALONE, "--model.scheduler=null", twin, *COSINE])
+    # Step 1 runs at the base rate either way; from step 2 on the rates and so the losses differ.
+    assert shampoo.losses[0] == constant.losses[0] and shampoo.losses[1:] != constant.losses[1:]
+    assert constant.final_metrics["lr"] == pytest.approx(0.003)
+    # The rate of step 4 (logged by the module), after 3 per-step cosine steps of T_max=4; the twin too.
+    cosine = 0.003 * (1 + math.cos(math.pi * 3 / 4)) / 2
+    assert shampoo.final_metrics["lr"] == pytest.approx(cosine) == adamw.final_metrics["lr"]
+
+
+def test_recipe_schedule_ends_with_the_run() -> None:
+    recipe = RECIPES / "char_lm_shampoo.yaml"
+    schedule = yaml.safe_load(recipe.read_text())["model"]["init_args"]["scheduler"]
+    assert schedule["class_path"].endswith("WarmupCosine") and "total_steps" not in schedule["init_args"]
+    warmup, final = schedule["init_args"]["warmup_steps"], schedule["init_args"]["final_lr_ratio"]
+    steps = warmup + 2
+    short = [f"--trainer.max_steps={steps}", "--data.init_args.max_bytes=100000"]
+    (report,) = run(["fit", "--config", str(recipe), "--twin=null", "--plot=null", *FAST, *short])
+    # The horizon is the run's own length: its last step runs just above the floor of the decay.
+    cosine = (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup))) / 2
+    assert report.final_metrics["lr"] == pytest.approx(0.003 * (final + (1 - final) * cosine))
+
+
+def test_top_level_optimizer_is_built_by_the_recipe_module(recwarn: pytest.WarningsRecorder) -> None:
+    (report,) = run([*DIGITS_ALONE, "--optimizer=SGD", "--optimizer.lr=0.05", *COSINE])
+    assert report.label == "SGD"
+    assert report.final_metrics["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 4)) / 2)
+    # The module's configure_optimizers built it: LightningCLI did not replace the method.
+    assert not [w for w in recwarn if "configure_optimizers` will be overridden" in str(w.message)]
+
+
+def test_routing_keeps_lightning_behaviour_for_other_models_but_refuses_a_lone_schedule() -> None:
+    schedule = Namespace(class_path="torch.optim.lr_scheduler.StepLR", init_args=Namespace(step_size=1))
+    recipe = Namespace(
+        model=Namespace(class_path="R", init_args=Namespace(optimizer=None, scheduler=None)),
+        optimizer=None,
+        lr_scheduler=schedule,
+    )
+    route_optimizer_and_scheduler(recipe)
+    assert recipe.model.init_args.scheduler is schedule and recipe.lr_scheduler is None
+    model = Namespace(class_path="M", init_args=Namespace())
+    other = Namespace(model=model, optimizer=None, lr_scheduler=schedule)
+    with pytest.raises(ValueError, match="--lr_scheduler needs --optimizer"):
+        route_optimizer_and_scheduler(other)
+    other.optimizer = Namespace(class_path="torch.optim.SGD", init_args=Namespace(lr=0.1))
+    route_optimizer_and_scheduler(other)  # both given: LightningCLI's own configure_optimizers takes them
+    assert other.lr_scheduler is schedule
+
+
+def test_plot_true_draws_into_each_runs_log_folder(tmp_path: Path) -> None:
+    with_logger = [arg for arg in DIGITS_ALONE if arg not in ("--plot=null", "--trainer.logger=false")]
+    for _ in range(2):
+        run([*with_logger, "--plot=true"])
+    plots = sorted(tmp_path.glob("runs/digits_shampoo/version_*/loss.png"))
+    assert [p.parent.name for p in plots] == ["version_0", "version_1"]
+    assert all(p.read_bytes().startswith(b"\x89PNG") for p in plots)
+    assert plot_path(None, "d") is None and plot_path(False, "d") is None
+    assert plot_path(True, "runs/x/version_3") == Path("runs/x/version_3/loss.png")
+    assert plot_path("a/b.png", "d") == Path("a/b.png")
+
+
+def test_a_missing_optional_dependency_names_the_extra() -> None:
+    class NeedsSomething:
+        requires = (Requirement("sklearn", "scikit-learn", "Digits"), Requirement("no_such.mod", "nsp", "X"))
+
+    with pytest.raises(MissingExtra, match=r"^X needs nsp, .*: pip install 'lightning-shampoo\[recipes\]'"):
+        check_requirements(NeedsSomething)
+    check_requirements(Digits)  # installed here (the bare install's CI step checks the message)
+
+
+# ------------------------------------------------------------------------------------------- CPU threads
+
+
+def test_thread_plan_splits_cores_and_leaves_what_the_user_set() -> None:
+    plan = _cpu.plan_threads
+    assert plan(8, 1, background_refresh=True, environ={}) == _cpu.ThreadPlan(7, 1)
+    assert plan(8, 1, background_refresh=False, environ={}) == _cpu.ThreadPlan(None, None)  # nothing to do
+    assert plan(8, 2, background_refresh=True, environ={}) == _cpu.ThreadPlan(3, 1)
+    assert plan(8, 2, background_refresh=False, environ={}) == _cpu.ThreadPlan(4, None)
+    # Under SPLIT_FROM cores per process the worker shares training's.
+    assert plan(_cpu.SPLIT_FROM - 1, 1, background_refresh=True, environ={}) == _cpu.ThreadPlan(None, None)
+    assert plan(4, 2, background_refresh=True, environ={}) == _cpu.ThreadPlan(2, None)
+    assert plan(8, 1, True, environ={"OMP_NUM_THREADS": "3"}) == _cpu.ThreadPlan(None, 1)
+    environ = {"OMP_WAIT_POLICY": "ACTIVE"}
+    assert _cpu.set_wait_policy(environ) == "ACTIVE" and _cpu.set_wait_policy({}) == "PASSIVE"
+
+
+def test_library_imports_leave_torch_and_the_environment_alone() -> None:
+    code = (
+        "import os, sys; before = dict(os.environ)\n"
+        "import lightning_shampoo, lightning_shampoo.__main__\n"
+        "assert 'torch' not in sys.modules, 'the console script sets OpenMP variables before torch loads'\n"
+        "from lightning_shampoo import Shampoo\n"
+        "import lightning_shampoo.cli\n"
+        "assert dict(os.environ) == before\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+# The console script in a fresh process, then what the process ended with.
+CONSOLE = (
+    "import os, sys\n"
+    "from lightning_shampoo.__main__ import main\n"
+    "sys.argv = ['lightning-shampoo', *sys.argv[1:]]\n"
+    "main()\n"
+    "import torch\n"
+    "print('STATE ' + repr((torch.get_num_threads(), os.environ.get('OMP_WAIT_POLICY'))))\n"
+)
+# On CPU whatever the machine has, refreshing in the background.
+ASYNC = [
+    "--trainer.accelerator=cpu",
+    "--model.optimizer.init_args.refresh=async",
+    "--model.optimizer.init_args.refresh_lag=1",
+]
+
+
+def console(args: list[str], env: dict[str, str], cwd: Path) -> tuple[str, tuple[int, str], dict]:
+    """Runs the console script on ``args``; returns its output, (torch threads, wait policy) at the end,
+    and the optimizer's init_args of the saved config."""
+    done = subprocess.run(
+        [sys.executable, "-c", CONSOLE, *args],
+        env=env, cwd=cwd, capture_output=True, text=True, check=False, timeout=300,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-3000:]
+    (state,) = [line[6:] for line in done.stdout.splitlines() if line.startswith("STATE ")]
+    saved = yaml.safe_load((cwd / "config.yaml").read_text())
+    return output, eval(state), saved["model"]["init_args"]["optimizer"]["init_args"]
+
+
+def test_console_script_sets_the_wait_policy_and_splits_cores_for_an_async_refresh(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OMP_")}
+    default = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+        env=env, capture_output=True, text=True, check=True,
+    )
+    plan = _cpu.plan_threads(int(default.stdout), 1, background_refresh=True, environ={})
+    output, (threads, policy), optimizer = console([*DIGITS_ALONE, *ASYNC], env, tmp_path)
+    assert policy == "PASSIVE"
+    assert (threads, optimizer["refresh_threads"]) == (plan.training or int(default.stdout), plan.refresh)
+    worker = f" + {plan.refresh} for" if plan.refresh else ", Shampoo's refresh worker sharing them"
+    assert f"CPU training with {threads} torch thread(s) per process{worker}" in output
+    assert "OMP_WAIT_POLICY=PASSIVE" in output
+
+
+def test_console_script_keeps_what_the_user_set(tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"}
+    args = [*DIGITS_ALONE, *ASYNC, "--model.optimizer.init_args.refresh_threads=2"]
+    output, (threads, policy), optimizer = console(args, env, tmp_path)
+    assert (threads, policy, optimizer["refresh_threads"]) == (1, "ACTIVE", 2)
+    assert "1 torch thread(s) per process + 2 for Shampoo's refresh worker, OMP_WAIT_POLICY=ACTIVE" in output
