@@ -17,15 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .optimizer import Shampoo
-    from .refresh import EveryNSteps, FunctionPolicy, OnRequest, RefreshPolicy
+    from .policies import EveryNSteps, FunctionPolicy, OnRequest, RefreshPolicy
     from .roots import RootResult, inverse_pth_root
 
 _EXPORTS = {
     "Shampoo": "optimizer",
-    "EveryNSteps": "refresh",
-    "FunctionPolicy": "refresh",
-    "OnRequest": "refresh",
-    "RefreshPolicy": "refresh",
+    "EveryNSteps": "policies",
+    "FunctionPolicy": "policies",
+    "OnRequest": "policies",
+    "RefreshPolicy": "policies",
     "RootResult": "roots",
     "inverse_pth_root": "roots",
 }

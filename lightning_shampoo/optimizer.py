@@ -23,8 +23,10 @@ from .cost import Work, parameter_work
 from .kronecker import rounding_generator, update_statistics
 from .layout import Layout, ShardLocal, choose_layout, is_dtensor
 from .options import parse_arguments, require, validate_group
+from .policies import RefreshPolicy
 from .preconditioners import PRECONDITIONERS, group_tensors
-from .refresh import RefreshEngine, RefreshPolicy, RefreshSettings
+from .refresh import RefreshEngine
+from .requests import RefreshSettings
 
 
 class _Entry(NamedTuple):

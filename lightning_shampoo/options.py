@@ -17,7 +17,8 @@ import torch
 from . import grafting
 from .eigen import EIGH_DTYPES
 from .layout import DISTRIBUTE_MODES
-from .refresh import MODES, EveryNSteps, FunctionPolicy, RefreshPolicy
+from .policies import EveryNSteps, FunctionPolicy, RefreshPolicy
+from .refresh import MODES
 
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 FACTOR_DTYPES = (torch.float32, torch.bfloat16)

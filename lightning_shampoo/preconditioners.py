@@ -31,7 +31,7 @@ from . import grafting
 from .blocking import BlockPlan
 from .kronecker import precondition
 from .options import root_exponent
-from .refresh import BasisRequest, FactorSnapshot, Request, Result, RootRequest
+from .requests import BasisRequest, FactorSnapshot, Request, Result, RootRequest
 
 State = dict[str, Any]
 
