@@ -113,7 +113,8 @@ def test_console_script_is_installed_and_documents_its_options(capsys: pytest.Ca
 DIGITS_ALONE = [
     "fit", "--config", str(RECIPES / "digits_shampoo.yaml"), "--twin=null", "--plot=null", *FAST
 ]
-COSINE = ["--lr_scheduler=CosineAnnealingLR", "--lr_scheduler.T_max=4"]
+# Full class paths: a short name is ambiguous once e.g. heavyball (the bench extra) defines its own SGD.
+COSINE = ["--lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max=4"]
 
 
 def test_lr_scheduler_on_the_command_line_changes_the_trajectory_and_the_logged_lr() -> None:
@@ -142,7 +143,7 @@ def test_recipe_schedule_ends_with_the_run() -> None:
 
 
 def test_top_level_optimizer_is_built_by_the_recipe_module(recwarn: pytest.WarningsRecorder) -> None:
-    (report,) = run([*DIGITS_ALONE, "--optimizer=SGD", "--optimizer.lr=0.05", *COSINE])
+    (report,) = run([*DIGITS_ALONE, "--optimizer=torch.optim.SGD", "--optimizer.lr=0.05", *COSINE])
     assert report.label == "SGD"
     assert report.final_metrics["lr"] == pytest.approx(0.05 * (1 + math.cos(math.pi * 3 / 4)) / 2)
     # The module's configure_optimizers built it: LightningCLI did not replace the method.
