@@ -28,8 +28,8 @@ class ShampooCallback(Callback):
       Without either, the optimizer's own policy rules alone.
     - **Checkpoints**: in-flight refreshes are drained (``optimizer.drain()``) before the optimizer state is
       taken, so a checkpoint holds their results and a resumed run need not recompute them.
-    - **Shutdown**: ``optimizer.close()`` at the end of fit; when fit raises (Ctrl-C included) the worker
-      is stopped without waiting for the refresh it computes.
+    - **Shutdown**: ``optimizer.close()`` at the end of fit and when fit raises; on Ctrl-C without waiting
+      for the refresh in flight.
     - **Logging**: ``optimizer.metrics()`` under ``shampoo/`` (``shampoo{i}/`` with several Shampoo
       optimizers) to the Trainer's loggers; the ``progress_bar`` subset also to the progress bar.
 
@@ -178,15 +178,15 @@ class ShampooCallback(Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Stops every Shampoo optimizer's refresh worker without waiting for its refresh, so no worker
-        outlives a failed fit and Ctrl-C ends it at once.
+        """Stops every Shampoo optimizer's refresh worker, so no worker outlives a failed fit; on Ctrl-C
+        without waiting for the refresh it computes, so the process ends at once.
 
         Args:
             trainer: the running Trainer.
             pl_module: the module being trained.
             exception: what fit raised.
         """
-        self._close(wait=False)
+        self._close(wait=not isinstance(exception, KeyboardInterrupt))
 
     def _close(self, wait: bool = True) -> None:
         for optimizer in self._optimizers.values():

@@ -209,7 +209,7 @@ def test_messages_say_what_to_do(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO):
         _fit(_model(refresh_policy=None), [ShampooCallback(every_n_steps=2)], max_steps=1)
     assert "owns the refresh schedule: it replaces optimizer 0's refresh_policy" in caplog.text
-    assert "(EveryNSteps(start=10, frequency=100)) with EveryNSteps(start=2, frequency=2)" in caplog.text
+    assert "(EveryNSteps(start=10, frequency=10)) with EveryNSteps(start=2, frequency=2)" in caplog.text
     with pytest.warns(UserWarning, match=r"refresh_lag=100 steps .* Pass refresh_lag <= 5 to the optimizer"):
         _fit(_model(refresh="async", precondition_frequency=100), [ShampooCallback(every_n_steps=5)],
              max_steps=1)

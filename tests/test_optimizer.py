@@ -197,7 +197,8 @@ def test_rejected_roots_keep_the_previous_root():
 def test_a_rejected_block_keeps_its_root_while_its_stack_mates_update():
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(10, 4))  # two 5×4 blocks: factor_0_0 stacks two 5×5 matrices
-    opt = Shampoo([w], block_size=5, start_preconditioning_step=1, precondition_frequency=1)
+    classic = dict(exponent_multiplier=1)  # the root checked below is the classic (S + εI)^(-1/4)
+    opt = Shampoo([w], block_size=5, start_preconditioning_step=1, precondition_frequency=1, **classic)
     w.grad = torch.randn(10, 4)
     opt.step()
     root_before = opt.state[w]["root_0_0"].clone()
@@ -228,12 +229,12 @@ def test_factors_are_fp32_for_half_params():
 
 def test_statistics_every_k_steps():
     w = nn.Parameter(torch.zeros(3, 2))
-    opt = Shampoo([w], block_size=3, statistics_frequency=2, start_preconditioning_step=100)
+    beta2 = 0.999
+    opt = Shampoo([w], block_size=3, statistics_frequency=2, start_preconditioning_step=100, betas=(0, beta2))
     grads = [torch.randn(3, 2) for _ in range(4)]
     for g in grads:
         w.grad = g
         opt.step()
-    beta2 = 0.999
     expected = (1 - beta2) * grads[1] @ grads[1].T
     expected = beta2 * expected + (1 - beta2) * grads[3] @ grads[3].T
     torch.testing.assert_close(opt.state[w]["factor_0_0"][0], expected)

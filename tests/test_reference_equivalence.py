@@ -38,6 +38,7 @@ RTOL = 1e-4
 # The classic blocking rules (every dim a factor, merging by block size alone) unless a case says otherwise.
 BASE: dict[str, Any] = dict(
     max_factor_ratio=None,
+    exponent_multiplier=1.0,
     lr=0.1,
     block_size=8,
     betas=(0.9, 0.95),
