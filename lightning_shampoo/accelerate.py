@@ -30,8 +30,26 @@ Launching 2 processes on CPU needs ``ACCELERATE_USE_CPU=true`` with the multi-pr
 (``accelerate launch --cpu --num_processes 2`` starts one process; without ``ACCELERATE_USE_CPU`` on a
 machine without GPUs each process trains alone, which :func:`prepare_shampoo` refuses.)
 
-Not covered: Accelerate's FSDP and DeepSpeed plugins, which save optimizers their own way; with FSDP2
-save Shampoo's state with :mod:`lightning_shampoo.checkpoint` (DCP) instead.
+FSDP2 (``Accelerator(fsdp_plugin=FullyShardedDataParallelPlugin(fsdp_version=2))``, on GPUs): Accelerate
+shards the model after the optimizer exists and swaps the optimizer's parameters for the DTensor shards;
+Shampoo chooses its layout and block plans for the parameters it has when it steps (cached weakly, chosen
+again after a swap), so every rank preconditions its own shard (:mod:`lightning_shampoo.layout`).
+``save_state`` / ``load_state`` save the optimizer with ``torch.distributed.checkpoint``'s
+``get_optimizer_state_dict`` and load it with ``set_optimizer_state_dict``, into a fresh optimizer's state
+dict (``SHARDED_STATE_DICT``: ``dcp.save`` / ``dcp.load``; ``FULL_STATE_DICT``: rank 0's file, broadcast);
+Shampoo's state dict is made for that (:mod:`lightning_shampoo.statedict`), so the run resumes exactly,
+with its step count and the refresh in flight (one per parameter with ``refresh_lag <=
+precondition_frequency``; more are dropped with a warning). :func:`prepare_shampoo` is optional there;
+called after ``prepare`` it makes ``save_state`` drain refreshes first. Load checkpoints after
+``prepare``: state loaded before it belongs to the replaced parameters and is refused.
+
+Accelerate does not run FSDP on CPU: ``AcceleratorState`` switches to ``DistributedType.FSDP`` only for
+the multi-GPU (and other accelerator) types, so with ``ACCELERATE_USE_CPU`` the ``fsdp_plugin`` is ignored
+and the processes run DDP (``MULTI_CPU``), which the rest of this module covers. The FSDP2 path is tested
+on CPU by running what Accelerate does to the optimizer (``prepare_optimizer``, the parameter swap,
+``save_fsdp_optimizer`` / ``load_fsdp_optimizer``) on a ``fully_shard`` model
+(``tests/test_accelerate_fsdp.py``).
+Not covered: DeepSpeed, which saves optimizers its own way.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def sharded_state_dict(optimizer: Shampoo) -> dict[str, Any]:
 
     Call it on every rank and save the dicts together (DCP merges them).
     """
-    state = optimizer.shard_state_dict()
+    state = statedict.unpack(optimizer.shard_state_dict())  # tensors already as saved (DTensor per block)
     if state["shampoo"].get("shard", {}).get("split"):
         raise ValueError(
             "Shampoo splits the blocks of a large parameter across ranks (distribute='sharded'), which these "
@@ -70,20 +70,17 @@ def sharded_state_dict(optimizer: Shampoo) -> dict[str, Any]:
     for index, param_state in state["state"].items():
         for key, value in param_state.items():
             flat[f"state.{index}.{key}"] = value if isinstance(value, Tensor) else torch.tensor(value)
-    params = _params(optimizer)
-    layout = optimizer.layout
     for entry in statedict.pending_entries(state["shampoo"]["engine"]):
-        snapshot, param = entry["snapshot"], params[entry["snapshot"]["param_index"]]
-        prefix = _pending_prefix(entry)
-        flat[f"{prefix}.matrices"] = layout.export(param, snapshot["matrices"], per_block=True)
+        snapshot, prefix = entry["snapshot"], _pending_prefix(entry)
         flat[f"{prefix}.request"] = encode(snapshot["request"])
-        if snapshot.get("previous") is not None:
-            flat[f"{prefix}.previous"] = layout.export(param, snapshot["previous"], per_block=True)
+        for field in ("matrices", "previous"):
+            if snapshot.get(field) is not None:
+                flat[f"{prefix}.{field}"] = snapshot[field]
         if entry["result"] is not None:
             result = entry["result"]
             flat[f"{prefix}.kind"] = encode(result["kind"])
             for field in _RESULT_FIELDS[result["kind"]]:
-                flat[f"{prefix}.{field}"] = layout.export(param, result[field], per_block=True)
+                flat[f"{prefix}.{field}"] = result[field]
     return flat
 
 
@@ -184,21 +181,17 @@ def _assemble(template: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
         if name.startswith("state."):
             _, index, field = name.split(".", 2)
             state.setdefault(int(index), {})[field] = value if value.dim() else value.item()
-        elif name.startswith("pending.") and name.endswith(".matrices"):
-            entry = name[: -len(".matrices")]
+        elif name.startswith("pending.") and name.endswith(".request"):
+            entry = name[: -len(".request")]
             _, step, install_step, index, factor = entry.split(".")
             result = None
             if f"{entry}.kind" in template:
                 kind = decode(template[f"{entry}.kind"])
                 result = {"kind": kind, **{f: template[f"{entry}.{f}"] for f in _RESULT_FIELDS[kind]}}
-            snapshot = {
-                "param_index": int(index),
-                "name": factor,
-                "matrices": value,
-                "request": decode(template[f"{entry}.request"]),
-            }
-            if f"{entry}.previous" in template:
-                snapshot["previous"] = template[f"{entry}.previous"]
+            snapshot = {"param_index": int(index), "name": factor, "request": decode(value)}
+            for field in ("matrices", "previous"):
+                if f"{entry}.{field}" in template:
+                    snapshot[field] = template[f"{entry}.{field}"]
             entries.append(
                 {"step": int(step), "install_step": int(install_step), "snapshot": snapshot, "result": result}
             )

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -55,6 +56,19 @@ class Layout:
     """Every parameter computed on this rank, plain tensors, nothing to communicate."""
 
     name = "replicated"
+    _bound: tuple[weakref.ref, ...] = ()
+
+    def bind(self, params: Sequence[Tensor]) -> Layout:
+        """Remember the parameters this layout was chosen for (weakly: it never keeps one alive)."""
+        self._bound = tuple(weakref.ref(param) for param in params)
+        return self
+
+    def bound_to(self, params: Sequence[Tensor]) -> bool:
+        """Whether ``params`` are the very tensors this layout was chosen for: a wrapper may swap them
+        after the optimizer exists (Accelerate's FSDP2 preparation puts in the sharded ones)."""
+        return len(params) == len(self._bound) and all(
+            ref() is p for ref, p in zip(self._bound, params, strict=True)
+        )
 
     def owns(self, index: int) -> bool:
         """Whether this rank keeps the state of parameter ``index`` (its position over all groups)."""
@@ -117,7 +131,7 @@ class Layout:
 
     def extend(self, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]) -> Layout:
         """The layout after ``params`` (all of them, new ones last) gained new parameters."""
-        return self
+        return self.bind(params)
 
 
 # ---------------------------------------------------------------------------------------- DDP
@@ -246,7 +260,7 @@ class OwnerSharded(Layout):
         return {**kept, "state": state, "shampoo": extra}
 
     def extend(self, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]) -> Layout:
-        return OwnerSharded(self.group, params, names, work, previous=self)
+        return OwnerSharded(self.group, params, names, work, previous=self).bind(params)
 
 
 # ---------------------------------------------------------------------------------------- FSDP2
@@ -349,8 +363,15 @@ def _shard_counts(param: Tensor) -> list[int]:
 def choose_layout(
     mode: str, group: Any, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]
 ) -> Layout:
-    """The layout of ``params``: shard-local for DTensor parameters; owner-sharded (``mode="sharded"``) with
-    an initialized process group of several ranks; else replicated. Collective when it shards."""
+    """The layout of ``params``, bound to them: shard-local for DTensor parameters; owner-sharded
+    (``mode="sharded"``) with an initialized process group of several ranks; else replicated. Collective
+    when it shards."""
+    return _choose(mode, group, params, names, work).bind(params)
+
+
+def _choose(
+    mode: str, group: Any, params: Sequence[Tensor], names: Sequence[str], work: Sequence[Work]
+) -> Layout:
     if any(is_dtensor(p) for p in params):
         return ShardLocal(group)
     if mode == "replicated":

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.utils.weak import WeakIdKeyDictionary
 
 from . import guards, statedict
 from .blocking import BlockPlan, plan_for_group
@@ -147,7 +148,7 @@ class Shampoo(Optimizer):
         self._engine = self._new_engine()
         self._policy = self.refresh_options.policy
         self._progress = statedict.Progress()
-        self._plans: dict[Tensor, BlockPlan] = {}
+        self._plans: WeakIdKeyDictionary = WeakIdKeyDictionary()  # weak: a swapped-out parameter's goes too
         self._warnings = guards.Warnings()
         self._process_group = process_group
         self._layout: Layout | None = None
@@ -158,11 +159,14 @@ class Shampoo(Optimizer):
 
     @property
     def layout(self) -> Layout:
-        """Where the work and state live across ranks (decided at first use: a collective when sharded)."""
-        if self._layout is None:
+        """Where the work and state live across ranks (decided at first use, and again if the parameters
+        were swapped since: a collective when sharded)."""
+        params = self._params()
+        if self._layout is None or not self._layout.bound_to(params):
+            statedict.check_owners(self.state, params)
             loaded = self.shard_state_dict() if self._loaded_whole else None
             layout = self._layout = choose_layout(
-                self.options.distribute, self._process_group, self._params(), self._names(), self._work()
+                self.options.distribute, self._process_group, params, self._names(), self._work()
             )
             self._plans.clear()
             if loaded is not None and layout.shard_info() is not None:
@@ -240,14 +244,14 @@ class Shampoo(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        layout = self.layout
-        entries = self._entries_with_grad()
+        layout = self.layout  # checked once a step; the helpers below take it
+        entries = self._entries_with_grad(layout)
         if not entries:
             return loss
         # Where sharded, this rank's parameters only; the others arrive with the layout's collective.
         entries = [entry for entry in entries if layout.owns(entry.index)]
         step = self._progress.step = self._progress.step + 1
-        updating = [entry for entry, ok in zip(entries, self._usable(entries), strict=True) if ok]
+        updating = [entry for entry, ok in zip(entries, self._usable(entries, layout), strict=True) if ok]
         for entry in updating:
             self.state[entry.param]["step"] += 1
         grads = {entry.index: layout.part(entry.param, entry.grad).float() for entry in updating}
@@ -275,8 +279,8 @@ class Shampoo(Optimizer):
         layout.after_step()
         return loss
 
-    def _entries_with_grad(self) -> list[_Entry]:
-        entries, layout = [], self.layout
+    def _entries_with_grad(self, layout: Layout) -> list[_Entry]:
+        entries = []
         for index, (group, position, param) in enumerate(self._indexed()):
             if param.grad is None:
                 continue
@@ -284,15 +288,16 @@ class Shampoo(Optimizer):
             weight = layout.weight(param)
             if layout.owns(index) and not self.state[param]:
                 self._preconditioner.init_state(self.state[param], weight, self._plan(group, param), group)
+                statedict.reserve(self.state[param])
             entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad)))
         return entries
 
-    def _usable(self, entries: list[_Entry]) -> list[bool]:
+    def _usable(self, entries: list[_Entry], layout: Layout) -> list[bool]:
         """Per entry: whether its gradient can be used (agreed across the shards of a parameter)."""
         if not self.options.check_finite:
             return [True] * len(entries)
         bad = guards.unusable_gradients([entry.grad for entry in entries])
-        ok = self.layout.agree([i not in bad for i in range(len(entries))])
+        ok = layout.agree([i not in bad for i in range(len(entries))])
         for i, (entry, usable) in enumerate(zip(entries, ok, strict=True)):
             if not usable:
                 self._progress.counters["nonfinite_skips"] += 1
@@ -362,7 +367,7 @@ class Shampoo(Optimizer):
     def _known_layout(self) -> Layout:
         """The layout if decided, else what is known without a collective: every rank keeps everything (a
         complete checkpoint loads whole; the first step then drops the state of others' parameters)."""
-        if self._layout is not None:
+        if self._layout is not None and self._layout.bound_to(self._params()):
             return self._layout
         return ShardLocal(self._process_group) if any(is_dtensor(p) for p in self._params()) else Layout()
 
@@ -394,35 +399,26 @@ class Shampoo(Optimizer):
 
     def shard_state_dict(self) -> dict[str, Any]:
         """This rank's share of the state (all of it unless sharded; marked when it is a share)."""
-        state = super().state_dict()
-        params, layout = self._params(), self._known_layout()
-        # New dicts: torch's state_dict() hands out the live per-parameter dicts themselves.
-        state["state"] = {
-            index: {key: self._export(layout, params[index], key, item) for key, item in values.items()}
-            for index, values in state["state"].items()
-        }
-        state["shampoo"] = {
-            "preconditioner": self.options.preconditioner,
-            **self._progress.to_dict(),
-            "engine": self._engine.state_dict(),
-        }
-        shard = layout.shard_info()
-        if shard is not None:
-            state["shampoo"]["shard"] = shard
-        return state
-
-    @staticmethod
-    def _export(layout: Layout, param: Tensor, key: str, value: Any) -> Any:
-        if not isinstance(value, Tensor):
-            return value
-        return layout.export(param, value, per_block=statedict.is_block_key(key))
+        return self._saved()
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         """Gather the complete state on rank ``to``, whose :meth:`state_dict` (this step) returns it; other
         ranks' return their share. Collective over the data-parallel group, like
         ``ZeroRedundancyOptimizer``'s (Lightning calls it before saving)."""
-        share = self.shard_state_dict()
-        self._consolidated = (self._progress.step, self.layout.gather(share, to) or share)
+        self._consolidated = (self._progress.step, self._saved(gather_to=to))
+
+    def _saved(self, gather_to: int | None = None) -> dict[str, Any]:
+        """This rank's share, or the complete state gathered on rank ``gather_to``, in the saved form."""
+        layout, params = self.layout if gather_to is not None else self._known_layout(), self._params()
+        share = statedict.sectioned(
+            super().state_dict(), self._progress, self._engine.state_dict(), self.options.preconditioner,
+            layout.shard_info(),
+        )  # fmt: skip
+        share = (layout.gather(share, gather_to) or share) if gather_to is not None else share
+        return statedict.pack(
+            share, matrix=self._preconditioner.matrix, slots=statedict.slot_count(self.refresh_options),
+            export=lambda index, value, **kind: layout.export(params[index], value, **kind),
+        )  # fmt: skip
 
     def param_specs(self) -> list[statedict.ParamSpec]:
         """What a checkpoint must hold for every parameter (saved shapes), in optimizer order."""
@@ -448,27 +444,28 @@ class Shampoo(Optimizer):
         layout, state = self._known_layout(), {}
         plan = layout.saved_plan(param, partial(plan_for_group, group=group))
         self._preconditioner.init_state(state, layout.local(param), plan, group)
-        return {key: self._export(layout, param, key, value) for key, value in state.items()}
+        return statedict.export_state(state, partial(layout.export, param))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        statedict.validate(state_dict, self.param_groups, self.param_specs(), self.options.preconditioner)
+        """Load either form (see :mod:`.statedict`); validated whole before anything changes."""
         layout, dtype_of = self._known_layout(), self._preconditioner.state_dtype
-        part = layout.keep(state_dict)  # this rank's parameters (and blocks)
+        loading = statedict.prepare_load(
+            state_dict, self.param_groups, self.param_specs(), self.options.preconditioner, layout.keep
+        )  # this rank's parameters (and blocks)
         self._consolidated, self._loaded_whole = None, self._layout is None
-        super().load_state_dict(part)
+        super().load_state_dict(part := loading.part)
         keys = [key for group in part["param_groups"] for key in group["params"]]
         for param, saved in zip(self._params(), map(part["state"].get, keys), strict=True):
             if saved:
                 statedict.restore(self.state[param], saved, layout.import_, param.device, dtype_of)
-        extra = part.get("shampoo", {})
-        self._progress = statedict.Progress.from_dict(extra)
-        self._engine.load_state_dict(statedict.map_tensors(extra.get("engine", {}), layout.import_))
+        self._progress = loading.progress
+        self._engine.load_state_dict(statedict.map_tensors(loading.engine, layout.import_))
 
     # ------------------------------------------------------------------ copies
 
     def __getstate__(self) -> dict[str, Any]:
         # The engine holds a thread and events: a copy carries its pending refreshes instead.
-        state = {key: value for key, value in self.__dict__.items() if key not in ("_engine", "_layout")}
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_engine", "_layout", "_plans")}
         state["_engine_state"] = self._engine.state_dict()
         return state
 
@@ -478,6 +475,7 @@ class Shampoo(Optimizer):
         self._engine = self._new_engine()
         self._engine.load_state_dict(engine_state)
         self._layout = None
+        self._plans = WeakIdKeyDictionary()
 
     def _new_engine(self) -> RefreshEngine:
         options = self.options

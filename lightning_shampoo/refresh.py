@@ -392,5 +392,5 @@ class RefreshEngine:
 
 
 def _on_host(snapshot: FactorSnapshot) -> FactorSnapshot:
-    previous = snapshot.previous.cpu() if snapshot.previous is not None else None
-    return dataclasses.replace(snapshot, matrices=snapshot.matrices.cpu(), previous=previous)
+    matrices, previous = (t.cpu() if t is not None else None for t in (snapshot.matrices, snapshot.previous))
+    return dataclasses.replace(snapshot, matrices=matrices, previous=previous)

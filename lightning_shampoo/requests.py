@@ -49,11 +49,13 @@ class FactorSnapshot:
     """A copy of one factor stack ``(n, d, d)`` to refresh, what to compute from it, and where it goes.
 
     ``previous``: a copy of the installed eigenbases of the stack, to warm-start from (basis requests).
+    ``matrices`` is ``None`` only in a refresh restored from a checkpoint that holds its results (a
+    checkpoint need not keep the copy once the results exist).
     """
 
     param_index: int
     name: str
-    matrices: Tensor
+    matrices: Tensor | None
     request: Request
     previous: Tensor | None = None
 
@@ -129,14 +131,14 @@ def snapshot_to_dict(snapshot: FactorSnapshot) -> dict[str, Any]:
     item: dict[str, Any] = {
         "param_index": snapshot.param_index,
         "name": snapshot.name,
-        "matrices": snapshot.matrices,
         "request": {
             "kind": "root" if isinstance(request, RootRequest) else "basis",
             **dataclasses.asdict(request),
         },
     }
-    if snapshot.previous is not None:
-        item["previous"] = snapshot.previous
+    for key in ("matrices", "previous"):
+        if getattr(snapshot, key) is not None:
+            item[key] = getattr(snapshot, key)
     return item
 
 
@@ -146,7 +148,7 @@ def snapshot_from_dict(item: dict[str, Any]) -> FactorSnapshot:
     return FactorSnapshot(
         param_index=int(item["param_index"]),
         name=str(item["name"]),
-        matrices=item["matrices"],
+        matrices=item.get("matrices"),
         request=_REQUESTS[kind](**request),
         previous=item.get("previous"),
     )

@@ -1,16 +1,37 @@
 """Shampoo's state dict: what it holds, how a saved one is checked before anything loads, how ranks merge.
 
-A state dict is torch's ``{"state", "param_groups"}`` keyed by parameter index (never by rank) plus
-``"shampoo"``: the optimizer-wide clock and counters and the refreshes in flight (``"engine"``). Loading
-is all or nothing: :func:`validate` checks the whole dict (structure, options that decide the layout,
-shapes, and values: finite, factors and roots symmetric, bases orthonormal, second moments
+One content, two forms:
+
+* **Saved** (``Shampoo.state_dict()``): torch's ``{"state", "param_groups"}``, keyed by parameter (never by
+  rank). Every parameter's state has a reserved entry ``"shampoo"``: the optimizer-wide clock (the same in
+  every parameter), the counters of ``metrics()`` and that parameter's refreshes in flight. The form is
+  made for ``torch.distributed.checkpoint``'s ``get_state_dict`` / ``set_state_dict``, which keep only
+  per-parameter entries (with ``flatten_optimizer_state_dict``: tensor, int, float and dict leaves under
+  the keys the live state has), and for ``dcp.load``, which fills a *fresh* optimizer's state dict and so
+  reads only the entries that one has. Hence every parameter has a fixed number of refresh slots
+  (:func:`slot_count`, the refreshes in flight at once under the default schedule), an empty one zeros with
+  ``install_step`` 0; more refreshes in flight get extra slots, which only loaders that pass the saved dict
+  itself keep (a load that lost some warns). A slot holds a refresh's results once computed, else its
+  snapshot: the keys are the same either way. What differs between ranks (FSDP2 shards: the counters,
+  whether a refresh is computed yet) is kept in tensors, per block or per rank, since a plain value
+  reaches every rank as one rank's (DCP saves it once).
+* **Sectioned** (:func:`unpack`): per-parameter state without the entry, and a top-level ``"shampoo"``
+  section with the clock, the counters, the preconditioner kind and the engine's refreshes in flight
+  (``"engine"``). Earlier versions saved this form and it still loads; validation, the ranks' merge and
+  cut (``Layout.gather`` / ``keep``) and :mod:`lightning_shampoo.checkpoint` work on it.
+
+Loading is all or nothing: :func:`validate` checks the whole dict (structure, options that decide the
+layout, shapes, and values: finite, factors and roots symmetric, bases orthonormal, second moments
 non-negative) and only then does the optimizer replace its state.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from numbers import Integral, Real
 from typing import Any
@@ -18,7 +39,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .options import STRUCTURAL_OPTIONS
+from .options import STRUCTURAL_OPTIONS, RefreshOptions
+from .requests import RootRequest
 
 # Per-block state keys (stacks of matrices) by prefix, and what their values must satisfy.
 SYMMETRIC_PREFIXES = ("factor_", "root_")
@@ -30,13 +52,22 @@ SYMMETRY_TOLERANCE = 1e-2
 ORTHONORMALITY_TOLERANCE = 5e-2
 
 
+# The reserved entry of every parameter's saved state (see the module doc).
+SECTION = "shampoo"
+# A slot's fields besides the matrices, by result kind: the results' per-block checks.
+RESULT_VECTORS = {
+    "root": {"residual": torch.float64, "accepted": torch.bool},
+    "basis": {"residual": torch.float64, "accepted": torch.bool, "full": torch.bool, "kept": torch.bool},
+}
+EMPTY_REQUESTS = {"root": dataclasses.asdict(RootRequest(0.0, 0.0, False, False)), "basis": {}}
+
 COUNTERS = ("nonfinite_skips", "refreshes", "roots_accepted", "roots_rejected", "rejected_refreshes")
 
 
 @dataclass
 class Progress:
-    """The optimizer-wide clock and counters: the refresh schedule runs on ``step``; saved with the state
-    (``state_dict()["shampoo"]``) and reported by ``metrics()``."""
+    """The optimizer-wide clock and counters: the refresh schedule runs on ``step``; saved in every
+    parameter's reserved entry (``state_dict()["state"][p]["shampoo"]``) and reported by ``metrics()``."""
 
     step: int = 0
     refresh_requested: bool = False
@@ -75,6 +106,19 @@ class Progress:
             "step": float(self.step),
         }
 
+    def rank_row(self, like: Tensor) -> Tensor:
+        """The counters and the largest residual as a ``(1, 6)`` row on ``like``'s device: figures of this
+        rank alone, kept per rank in a tensor (a plain value would reach every rank as one rank's)."""
+        row = [*(self.counters.get(name, 0) for name in COUNTERS), self.max_root_residual]
+        return torch.tensor([row], dtype=torch.float64, device=like.device)
+
+    @staticmethod
+    def from_row(row: Tensor) -> dict[str, Any]:
+        """Inverse of :meth:`rank_row` (this rank's row of a saved one), as ``to_dict`` entries."""
+        values = _plain(row).reshape(-1).tolist()
+        counters = dict(zip(COUNTERS, map(int, values), strict=False))
+        return {"counters": counters, "max_root_residual": values[len(COUNTERS)]}
+
 
 def is_block_key(key: str) -> bool:
     return key.startswith(BLOCK_PREFIXES)
@@ -99,14 +143,15 @@ def validate(
     """Check a saved state dict against the optimizer; ``(index, saved state)`` of the owned parameters.
 
     Raises ``ValueError`` naming the first problem and what to do; nothing is changed either way.
-    ``load_values``: also check tensor values (shapes only when the values are not read yet).
+    ``load_values``: also check tensor values (shapes only when the values are not read yet). Either form.
     """
+    state_dict = unpack(state_dict)
     for key in ("state", "param_groups"):
         if not isinstance(state_dict.get(key), dict | list):
             raise ValueError(f"Not an optimizer state dict: {key!r} is missing. Pass optimizer.state_dict().")
     extra = state_dict.get("shampoo", {})
-    saved_kind = extra.get("preconditioner", "root_inverse")
-    if saved_kind != preconditioner:
+    saved_kind = extra.get("preconditioner", "root_inverse")  # None: nothing saved tells (no factors)
+    if saved_kind not in (None, preconditioner):
         raise ValueError(
             f"Shampoo checkpoint was saved with preconditioner={saved_kind!r}, the optimizer has "
             f"preconditioner={preconditioner!r}: construct the optimizer with preconditioner={saved_kind!r}."
@@ -244,7 +289,11 @@ def _check_extra(extra: dict[str, Any], specs: Sequence[ParamSpec], load_values:
             continue
         factor = f"factor_{snapshot['name']}"
         shape = spec.shapes.get(factor)
+        result = entry["result"]
+        # A computed refresh may be saved without its snapshot: then its results must fit.
         matrices = snapshot.get("matrices")
+        if matrices is None and isinstance(result, dict):
+            matrices = result.get("root", result.get("basis"))
         if shape is None or not isinstance(matrices, Tensor) or tuple(matrices.shape)[1:] != shape[1:]:
             raise ValueError(
                 f"{where} has a refresh in flight of {spec.name}'s {factor!r} that does not match its state "
@@ -252,7 +301,6 @@ def _check_extra(extra: dict[str, Any], specs: Sequence[ParamSpec], load_values:
                 "saved "
                 "for another model?"
             )
-        result = entry["result"]
         if load_values and result is not None:
             accepted = result.get("accepted")
             values = result.get("root", result.get("basis"))
@@ -310,6 +358,289 @@ def pending_state(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {"pending": pending}
 
 
+def slot_count(refresh: RefreshOptions) -> int:
+    """Refresh slots of every parameter's saved state: the refreshes in flight at once under the default
+    schedule (one every ``frequency`` steps, each ``lag`` steps to its install)."""
+    return -(-refresh.lag // refresh.frequency)
+
+
+# ---------------------------------------------------------------------------------------- the saved form
+
+
+Export = Callable[..., Tensor]  # (parameter index, local tensor, *, per_block) -> as saved
+
+
+def sectioned(
+    torch_state: dict[str, Any],
+    progress: Progress,
+    engine_state: dict[str, Any],
+    preconditioner: str,
+    shard: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The sectioned form of torch's ``Optimizer.state_dict()`` (live local tensors, in new dicts), with the
+    clock and the engine's refreshes in flight; ``shard`` marks one rank's share."""
+    extra = {"preconditioner": preconditioner, **progress.to_dict(), "engine": engine_state}
+    if shard is not None:
+        extra["shard"] = shard
+    state = {key: _without_section(values) for key, values in torch_state["state"].items()}
+    return {**torch_state, "state": state, "shampoo": extra}
+
+
+def pack(sectioned: dict[str, Any], *, matrix: str, slots: int, export: Export) -> dict[str, Any]:
+    """The saved form of a sectioned state dict whose tensors are local (``export`` turns them into saved
+    ones; where the state was gathered from ranks they are plain). ``matrix``: ``"root"`` or ``"basis"``,
+    what refreshes compute. A share's ``"shard"`` mark goes to the top level."""
+    extra = sectioned.get("shampoo", {})
+    tickets: dict[int, dict[tuple[int, int], dict[str, dict[str, Any]]]] = {}
+    for entry in pending_entries(extra.get("engine", {})):
+        snapshot = entry["snapshot"]
+        ticket = tickets.setdefault(snapshot["param_index"], {})
+        ticket.setdefault((entry["step"], entry["install_step"]), {})[snapshot["name"]] = entry
+    clock = Progress.from_dict(extra)
+    state = {}
+    for index, key in enumerate(_param_keys(sectioned)):
+        values = sectioned["state"].get(key)
+        if values:
+            mine = sorted(tickets.get(index, {}).items())
+            state[key] = _pack_param(values, mine, clock, matrix, slots, functools.partial(export, index))
+    packed = {key: value for key, value in sectioned.items() if key != "shampoo"}
+    packed["state"] = state
+    if "shard" in extra:
+        packed["shard"] = extra["shard"]
+    return packed
+
+
+def _pack_param(
+    values: dict[str, Any],
+    mine: list[tuple[tuple[int, int], dict[str, dict[str, Any]]]],
+    clock: Progress,
+    matrix: str,
+    slots: int,
+    export: Callable[..., Tensor],
+) -> dict[str, Any]:
+    """One parameter's saved state: its tensors as saved, and its entry with the clock and refreshes."""
+    saved = export_state(values, export)
+    factors = {name[len("factor_") :]: value for name, value in values.items() if name.startswith("factor_")}
+    refreshes = {
+        str(number): _slot(step, install_step, entries, matrix, export)
+        for number, ((step, install_step), entries) in enumerate(mine)
+    }
+    for number in range(len(mine), slots if factors else 0):
+        refreshes[str(number)] = _empty_slot(factors, matrix, export)
+    like = next(value for value in values.values() if isinstance(value, Tensor))
+    section = {"step": clock.step, "refresh_requested": clock.refresh_requested}
+    section["metrics"] = export(clock.rank_row(like), per_block=True)
+    return {**saved, SECTION: {**section, "in_flight": len(mine), "refreshes": refreshes}}
+
+
+def export_state(values: dict[str, Any], export: Callable[..., Tensor]) -> dict[str, Any]:
+    """A parameter's live state as saved, without the reserved entry (``export(value, per_block=…)``)."""
+    return {
+        name: export(value, per_block=is_block_key(name)) if isinstance(value, Tensor) else value
+        for name, value in values.items()
+        if name != SECTION
+    }
+
+
+def _slot(
+    step: int, install_step: int, entries: dict[str, dict[str, Any]], matrix: str, export: Callable
+) -> dict[str, Any]:
+    """One refresh of one parameter: per factor its results once computed (else its snapshot)."""
+    computed = all(entry["result"] is not None for entry in entries.values())
+    slot: dict[str, Any] = {"step": step, "install_step": install_step}
+    for name, entry in entries.items():
+        snapshot, result = entry["snapshot"], entry["result"]
+        matrices = result[matrix] if computed else snapshot["matrices"]
+        previous = snapshot.get("previous")
+        vectors = {
+            field: result[field] if computed else matrices.new_zeros(matrices.shape[0], dtype=dtype)
+            for field, dtype in RESULT_VECTORS[matrix].items()
+        }
+        # Per block, as a tensor: ranks differ, and a plain value would be one rank's for all (DCP).
+        vectors["computed"] = torch.full((matrices.shape[0],), computed, device=matrices.device)
+        request = {key: value for key, value in snapshot["request"].items() if key != "kind"}
+        slot[name] = _slot_fields(matrices, previous, vectors, request, matrix, export)
+    return slot
+
+
+def _empty_slot(factors: dict[str, Tensor], matrix: str, export: Callable) -> dict[str, Any]:
+    slot: dict[str, Any] = {"step": 0, "install_step": 0}
+    for name, factor in factors.items():
+        vectors = {
+            field: factor.new_zeros(factor.shape[0], dtype=dtype)
+            for field, dtype in {**RESULT_VECTORS[matrix], "computed": torch.bool}.items()
+        }
+        slot[name] = _slot_fields(
+            torch.zeros_like(factor), None, vectors, EMPTY_REQUESTS[matrix], matrix, export
+        )
+    return slot
+
+
+def _slot_fields(
+    matrices: Tensor,
+    previous: Tensor | None,
+    vectors: dict[str, Tensor],
+    request: dict[str, Any],
+    matrix: str,
+    export: Callable,
+) -> dict[str, Any]:
+    fields = {
+        "matrices": export(matrices, per_block=True),
+        **{key: export(value, per_block=True) for key, value in vectors.items()},
+    }
+    if matrix == "basis":  # the warm start of a basis refresh not computed yet
+        warm = previous if previous is not None else torch.zeros_like(matrices)
+        fields["previous"] = export(warm, per_block=True)
+    if request:  # an empty dict would not survive flattening
+        fields["request"] = dict(request)
+    return fields
+
+
+def unpack(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The sectioned form of a saved state dict (a sectioned one, with its top-level ``"shampoo"`` section,
+    is returned as it is).
+
+    Raises ``ValueError`` for a malformed reserved entry; the rest is :func:`validate`'s to check.
+    """
+    state = state_dict.get("state")
+    if "shampoo" in state_dict or not isinstance(state, dict):
+        return state_dict
+    try:
+        keys = _param_keys(state_dict)
+    except (KeyError, TypeError):
+        return state_dict  # validate() says what is wrong
+    extra: dict[str, Any] = {}
+    entries: list[dict[str, Any]] = []
+    lost: list[int] = []  # per parameter: refreshes in flight saved but not in this dict
+    for index, key in enumerate(keys):
+        section = state.get(key, {}).get(SECTION) if isinstance(state.get(key), dict) else None
+        if section is None:
+            continue
+        where = f"Shampoo checkpoint's entry {SECTION!r} of parameter {key!r}"
+        try:
+            clock = {name: section[name] for name in ("step", "refresh_requested") if name in section}
+            clock.update(Progress.from_row(section["metrics"]) if "metrics" in section else {})
+            if not extra:
+                extra.update(clock)
+            elif clock.get("step") != extra.get("step"):
+                raise ValueError(
+                    f"{where} is at step {clock.get('step')!r}, another parameter's at "
+                    f"{extra.get('step')!r}: the state dict mixes checkpoints. Pass one state_dict()."
+                )
+            filled = [slot for slot in section.get("refreshes", {}).values() if slot["install_step"]]
+            lost.append(max(int(section.get("in_flight", len(filled))) - len(filled), 0))
+            for slot in filled:
+                entries.extend(_slot_entries(index, slot))
+        except (KeyError, TypeError, AttributeError) as error:
+            raise ValueError(f"{where} is malformed ({error!r}). Pass optimizer.state_dict().") from error
+    plain = {key: _without_section(values) for key, values in state.items()}
+    kinds = {"basis_": "eigenvalue_corrected", "root_": "root_inverse"}
+    found = {kind for values in plain.values() if isinstance(values, dict) for name in values
+             for prefix, kind in kinds.items() if str(name).startswith(prefix)}  # fmt: skip
+    extra["preconditioner"] = found.pop() if len(found) == 1 else None
+    extra["engine"] = pending_state(entries)
+    if "shard" in state_dict:
+        extra["shard"] = state_dict["shard"]
+    if any(lost):
+        extra["lost_in_flight"] = (max(lost), sum(map(bool, lost)))
+    rest = {key: value for key, value in state_dict.items() if key != "shard"}
+    return {**rest, "state": plain, "shampoo": extra}
+
+
+def _slot_entries(index: int, slot: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """The engine's entries (one per factor) of a filled slot."""
+    for name, fields in slot.items():
+        if not isinstance(fields, dict):
+            continue
+        computed = bool(_plain(fields["computed"]).all())
+        kind = "basis" if "full" in fields else "root"
+        snapshot: dict[str, Any] = {
+            "param_index": index,
+            "name": name,
+            "request": {"kind": kind, **fields.get("request", {})},
+        }
+        if "previous" in fields:
+            snapshot["previous"] = fields["previous"]
+        result = None
+        if computed:
+            result = {"kind": kind, kind: fields["matrices"], **{f: fields[f] for f in RESULT_VECTORS[kind]}}
+        else:
+            snapshot["matrices"] = fields["matrices"]
+        yield {
+            "step": int(slot["step"]),
+            "install_step": int(slot["install_step"]),
+            "snapshot": snapshot,
+            "result": result,
+        }
+
+
+def _without_section(values: Any) -> Any:
+    return (
+        {name: value for name, value in values.items() if name != SECTION}
+        if isinstance(values, dict)
+        else values
+    )
+
+
+def _param_keys(state_dict: dict[str, Any]) -> list[Any]:
+    return [key for group in state_dict["param_groups"] for key in group["params"]]
+
+
+# ---------------------------------------------------------------------------------------- loading
+
+
+@dataclass
+class Loading:
+    """A validated state dict, ready to load: ``part`` (sectioned), what this rank keeps, for torch's
+    ``load_state_dict``; the clock and the refreshes in flight."""
+
+    part: dict[str, Any]
+    progress: Progress
+    engine: dict[str, Any]
+
+
+def prepare_load(
+    state_dict: dict[str, Any],
+    groups: Sequence[dict[str, Any]],
+    specs: Sequence[ParamSpec],
+    preconditioner: str,
+    keep: Callable[[dict[str, Any]], dict[str, Any]],
+) -> Loading:
+    """Unpack and validate ``state_dict`` (either form), then ``keep`` what this rank owns (the layout's
+    cut of a validated sectioned dict); changes nothing."""
+    sectioned = unpack(state_dict)
+    validate(sectioned, groups, specs, preconditioner)
+    part = keep(sectioned)
+    extra = part.get("shampoo", {})
+    if extra.get("lost_in_flight"):
+        most, params = extra["lost_in_flight"]
+        warnings.warn(
+            f"Shampoo: {most} saved refresh(es) in flight of {params} parameters are missing from the "
+            "loaded state dict: the loader kept only the refresh slots of a fresh optimizer's state dict (as "
+            "dcp.load does). The run continues with the previous preconditioners until the next refresh, "
+            "close to but not bitwise the saved run. For an exact resume keep refresh_lag <= "
+            "precondition_frequency (one refresh in flight) or load the saved dict itself.",
+            stacklevel=3,
+        )
+    return Loading(part, Progress.from_dict(extra), extra.get("engine", {}))
+
+
+def check_owners(state: dict[Tensor, Any], params: Sequence[Tensor]) -> None:
+    """Refuse state held for tensors that are no longer among the optimizer's parameters."""
+    if len(state) > sum(param in state for param in params):
+        raise RuntimeError(
+            "Shampoo holds state for tensors no longer among its parameters: they were replaced (e.g. by "
+            "accelerator.prepare with FSDP2) after the state was created or loaded. Prepare the model and "
+            "optimizer first, then load checkpoints and step."
+        )
+
+
+def reserve(state: dict[str, Any]) -> None:
+    """Add the reserved entry to a parameter's live state: empty, it only tells torch's flattened loader
+    (which reads the keys the live state has) that the saved entry belongs there."""
+    state[SECTION] = {}
+
+
 def restore(
     state: dict[str, Any], saved: dict[str, Any], import_: Any, device: torch.device, dtype_of: Any
 ) -> None:
@@ -320,6 +651,7 @@ def restore(
             state[key] = import_(value).to(device=device, dtype=dtype_of(key), copy=True)
         elif key == "step":
             state[key] = int(value)
+    reserve(state)
 
 
 def map_tensors(value: Any, fn: Any) -> Any:
@@ -337,10 +669,10 @@ def map_tensors(value: Any, fn: Any) -> Any:
 
 
 def owned_part(state_dict: dict[str, Any], owned: Sequence[bool]) -> dict[str, Any]:
-    """The part of a (validated) state dict that a rank keeps: its parameters and their refreshes."""
+    """The part of a (validated, sectioned) state dict that a rank keeps: its parameters and refreshes."""
     if all(owned):
         return state_dict
-    keys = [key for group in state_dict["param_groups"] for key in group["params"]]
+    keys = _param_keys(state_dict)
     kept = {key for key, mine in zip(keys, owned, strict=True) if mine}
     extra = dict(state_dict.get("shampoo", {}))
     if "engine" in extra:
@@ -354,8 +686,8 @@ def owned_part(state_dict: dict[str, Any], owned: Sequence[bool]) -> dict[str, A
 
 
 def merge_state_dicts(parts: Sequence[dict[str, Any]], base: int) -> dict[str, Any]:
-    """The complete state dict from the ranks' shares: the union of the per-parameter states and of the
-    pending refreshes; the optimizer-wide counters are rank ``base``'s."""
+    """The complete (sectioned) state dict from the ranks' shares: the union of the per-parameter states and
+    of the pending refreshes; the optimizer-wide counters are rank ``base``'s."""
     merged = dict(parts[base])
     merged["state"] = {key: value for part in parts for key, value in part["state"].items() if value}
     extra = {key: value for key, value in parts[base]["shampoo"].items() if key != "shard"}

@@ -19,6 +19,7 @@ from dist_utils import assert_checkpoint_is_union_of_shares, free_port
 
 from lightning_shampoo import Shampoo
 from lightning_shampoo.accelerate import prepare_shampoo
+from lightning_shampoo.statedict import unpack
 
 ROOT = Path(__file__).parent.parent
 STEPS, SAVED_AT, ACCUMULATE = 8, 4, 2  # as in the script
@@ -76,7 +77,7 @@ def test_only_real_optimizer_steps_count(launched: dict[str, Any]) -> None:
 def test_save_state_holds_every_parameters_state(launched: dict[str, Any]) -> None:
     saved = launched["saved"]
     assert_checkpoint_is_union_of_shares(saved, [rank["share_saved"] for rank in launched["ranks"]])
-    assert saved["shampoo"]["engine"]["pending"]  # the refresh in flight at the save travels too
+    assert unpack(saved)["shampoo"]["engine"]["pending"]  # the refresh in flight at the save travels too
 
 
 def test_load_state_into_fresh_objects_resumes_bitwise(launched: dict[str, Any]) -> None:

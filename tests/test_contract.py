@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from lightning_shampoo import Shampoo, refresh
 from lightning_shampoo.checkpoint import load_sharded_state_dict, sharded_state_dict
+from lightning_shampoo.statedict import unpack
 
 PRECONDITIONERS = ["root_inverse", "eigenvalue_corrected"]
 # Refreshes at steps 2, 5, 8, …; block_size 8 cuts the 16-wide layers into several same-shaped blocks.
@@ -97,7 +98,7 @@ def test_checkpoint_with_a_refresh_in_flight_resumes_bitwise(kind: str, resume: 
     opt = Shampoo(model.parameters(), **FAST, preconditioner=kind, refresh="async", refresh_lag=2)
     losses = _train(model, opt, batches[:9])  # step 8 refreshed, installs at 10: in flight
     state = opt.state_dict()
-    assert [ticket["step"] for ticket in state["shampoo"]["engine"]["pending"]] == [8]
+    assert [ticket["step"] for ticket in unpack(state)["shampoo"]["engine"]["pending"]] == [8]
     buffer = io.BytesIO()
     torch.save((model.state_dict(), state), buffer)
     buffer.seek(0)
@@ -244,7 +245,7 @@ def test_a_malformed_shampoo_section_is_refused_before_anything_is_replaced(
     model = _model()
     opt = Shampoo(model.parameters(), **FAST, preconditioner=kind, refresh_lag=2)
     _train(model, opt, _batches(6))  # step 5's refresh installs at 7: in flight
-    saved = copy.deepcopy(opt.state_dict())
+    saved = unpack(copy.deepcopy(opt.state_dict()))  # the sectioned form, as earlier versions saved it
     damage(saved["shampoo"])
     fresh = Shampoo(_model().parameters(), **FAST, preconditioner=kind, refresh_lag=2)
     if message is None:

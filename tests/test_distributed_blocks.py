@@ -30,6 +30,7 @@ from lightning_shampoo.blocking import plan_blocks
 from lightning_shampoo.checkpoint import sharded_state_dict
 from lightning_shampoo.cost import parameter_work
 from lightning_shampoo.partition import SPLIT_MIN_FLOPS
+from lightning_shampoo.statedict import unpack
 
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
 # Roots install one step late, so the checkpoint after step 5 holds a refresh in flight.
@@ -215,7 +216,7 @@ def test_one_collective_per_step(runs: dict, kind: str, world: str) -> None:
 
 @pytest.mark.parametrize("world", ["two", "four"])
 def test_the_consolidated_state_is_the_one_process_state(runs: dict, kind: str, world: str) -> None:
-    saved = runs[world][0][kind]["saved"]["optimizer"]
+    saved = unpack(runs[world][0][kind]["saved"]["optimizer"])  # sectioned: refreshes as tickets
     model = _model()
     opt = Shampoo(model.parameters(), **_options(kind))
     if world == "two":
@@ -225,7 +226,7 @@ def test_the_consolidated_state_is_the_one_process_state(runs: dict, kind: str, 
             for param, grad in zip(model.parameters(), grads, strict=True):
                 param.grad = grad.clone()
             opt.step()
-    single = opt.state_dict()
+    single = unpack(opt.state_dict())
     assert saved["state"].keys() == single["state"].keys() and "shard" not in saved["shampoo"]
     for index, state in single["state"].items():
         assert saved["state"][index].keys() == state.keys(), index
@@ -243,7 +244,9 @@ def test_the_consolidated_state_is_the_one_process_state(runs: dict, kind: str, 
         names = [(s["param_index"], s["name"]) for s in ticket["snapshots"]]
         assert names == [(s["param_index"], s["name"]) for s in reference["snapshots"]]
         for snapshot, other in zip(ticket["snapshots"], reference["snapshots"], strict=True):
-            torch.testing.assert_close(snapshot["matrices"], other["matrices"], rtol=1e-6, atol=1e-9)
+            assert snapshot.keys() == other.keys()
+            if "matrices" in other:  # a computed refresh is saved by its results
+                torch.testing.assert_close(snapshot["matrices"], other["matrices"], rtol=1e-6, atol=1e-9)
         for result, other in zip(ticket.get("results", []), reference.get("results", []), strict=True):
             assert result.keys() == other.keys()
             torch.testing.assert_close(result["accepted"], other["accepted"])

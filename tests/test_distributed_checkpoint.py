@@ -17,6 +17,7 @@ from torch import nn
 
 from lightning_shampoo import Shampoo
 from lightning_shampoo.checkpoint import load_sharded_state_dict, sharded_state_dict
+from lightning_shampoo.statedict import unpack
 
 # DCP warns when it reads or writes without a process group, as the one-process runs here do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
@@ -107,10 +108,10 @@ def test_gathered_state_is_the_one_process_state(runs):
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
                 torch.testing.assert_close(gathered["state"][index][key], value, rtol=1e-6, atol=1e-9)
-    pending = gathered["shampoo"]["engine"]["pending"]
-    assert [t["step"] for t in pending] == [t["step"] for t in single["shampoo"]["engine"]["pending"]]
+    pending, single_pending = (unpack(s)["shampoo"]["engine"]["pending"] for s in (gathered, single))
+    assert [t["step"] for t in pending] == [t["step"] for t in single_pending]
     assert [s["param_index"] for s in pending[0]["snapshots"]] == [
-        s["param_index"] for s in single["shampoo"]["engine"]["pending"][0]["snapshots"]
+        s["param_index"] for s in single_pending[0]["snapshots"]
     ]
 
 
@@ -122,7 +123,7 @@ def test_an_unconsolidated_state_dict_refuses_to_return_a_share(runs):
 
 def test_one_ranks_part_alone_is_refused_naming_a_missing_parameter(runs):
     partial = runs["ranks"][0]["partial"]
-    missing = partial["shampoo"]["shard"]["owners"].index(1)
+    missing = unpack(partial)["shampoo"]["shard"]["owners"].index(1)
     model = mlp()
     names = [name for name, _ in model.named_parameters()]
     opt = Shampoo(model.named_parameters(), **OPTIONS)

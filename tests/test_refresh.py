@@ -16,6 +16,7 @@ from torch import nn
 
 from lightning_shampoo import FunctionPolicy, OnRequest, Shampoo, refresh
 from lightning_shampoo.refresh import EveryNSteps
+from lightning_shampoo.statedict import unpack
 
 # Roots at steps 2, 5, 8, …; block_size 8 cuts the 16-wide layers into several same-shaped blocks.
 FAST = dict(lr=1e-2, start_preconditioning_step=2, precondition_frequency=3, block_size=8)
@@ -286,7 +287,7 @@ def test_checkpoint_with_a_pending_refresh_resumes_bitwise(saved, resume, monkey
         gate.set()
         opt1.drain()
     state = opt1.state_dict()
-    pending = state["shampoo"]["engine"]["pending"]
+    pending = unpack(state)["shampoo"]["engine"]["pending"]
     assert [item["step"] for item in pending] == [11]
     assert ("results" in pending[0]) == (saved == "drained")
     buffer = io.BytesIO()
