@@ -64,6 +64,15 @@ def skip_message(name: str, largest: float) -> str:
     )
 
 
+def rejected_message(rejected: int) -> str:
+    """Why the preconditioners did not change at a refresh whose every result failed its checks."""
+    return (
+        f"Shampoo: every result of a refresh was rejected ({rejected} matrices failed their checks); the "
+        "previous preconditioners stay, and parameters never preconditioned keep their diagonal update. "
+        "Check metrics()['max_root_residual'] and the factors for non-finite values."
+    )
+
+
 class Warnings:
     """Warns once per key, attributed to the user's line that called ``step()``."""
 

@@ -18,7 +18,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import guards, statedict
+from . import guards, loading, statedict
 from .blocking import BlockPlan, plan_for_group
 from .cost import Work, parameter_work
 from .kronecker import rounding_generator, update_statistics
@@ -163,7 +163,7 @@ class Shampoo(Optimizer):
         were swapped since: a collective when sharded)."""
         params = self._params()
         if self._layout is None or not self._layout.bound_to(params):
-            statedict.check_owners(self.state, params)
+            loading.check_owners(self.state, params)
             loaded = self.shard_state_dict() if self._loaded_whole else None
             layout = self._layout = choose_layout(
                 self.options.distribute, self._process_group, params, self._names(), self._work()
@@ -176,7 +176,7 @@ class Shampoo(Optimizer):
 
     @property
     def policy(self) -> RefreshPolicy:
-        """The refresh schedule (see :meth:`set_refresh_policy`)."""
+        """The refresh schedule in force (see :meth:`set_refresh_policy`)."""
         return self._policy
 
     def set_refresh_policy(self, policy: RefreshPolicy) -> None:
@@ -196,8 +196,7 @@ class Shampoo(Optimizer):
                 "Shampoo.set_process_group() after sharded steps would lose the other ranks' state; call it "
                 "before the first step."
             )
-        self._process_group = group
-        self._layout = None
+        self._process_group, self._layout = group, None
         _ = self.layout
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -230,7 +229,7 @@ class Shampoo(Optimizer):
     def __enter__(self) -> Shampoo:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, *exc: object) -> None:  # the worker stops; pending refreshes stay (see close)
         self.close()
 
     # ------------------------------------------------------------------ step
@@ -288,7 +287,7 @@ class Shampoo(Optimizer):
             weight = layout.weight(param)
             if layout.owns(index) and not self.state[param]:
                 self._preconditioner.init_state(self.state[param], weight, self._plan(group, param), group)
-                statedict.reserve(self.state[param])
+                loading.reserve(self.state[param])
             entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad)))
         return entries
 
@@ -333,12 +332,7 @@ class Shampoo(Optimizer):
         residuals = torch.cat([result.residual.flatten() for _, result in installs])
         self._progress.record_install(accepted, rejected, residuals)
         if rejected and not accepted:
-            self._warnings.once(
-                ("rejected", 0),
-                f"Shampoo: every result of a refresh was rejected ({rejected} matrices failed their checks); "
-                "the previous preconditioners stay, and parameters never preconditioned keep their diagonal "
-                "update. Check metrics()['max_root_residual'] and the factors for non-finite values.",
-            )
+            self._warnings.once(("rejected", 0), guards.rejected_message(rejected))
 
     # ------------------------------------------------------------------ helpers
 
@@ -420,7 +414,7 @@ class Shampoo(Optimizer):
             export=lambda index, value, **kind: layout.export(params[index], value, **kind),
         )  # fmt: skip
 
-    def param_specs(self) -> list[statedict.ParamSpec]:
+    def param_specs(self) -> list[loading.ParamSpec]:
         """What a checkpoint must hold for every parameter (saved shapes), in optimizer order."""
         specs, layout = [], self._known_layout()
         for index, (group, position, param) in enumerate(self._indexed()):
@@ -429,12 +423,12 @@ class Shampoo(Optimizer):
                 key: layout.saved_shape(param, shape) if statedict.is_block_key(key) else tuple(param.shape)
                 for key, shape in self._preconditioner.state_shapes(like, plan, group).items()
             }
-            specs.append(statedict.ParamSpec(self._name(group, position, param), layout.owns(index), shapes))
+            specs.append(loading.ParamSpec(self._name(group, position, param), layout.owns(index), shapes))
         return specs
 
     def check_state_dict(self, state_dict: dict[str, Any], load_values: bool = True) -> None:
         """Raise ``ValueError`` if ``state_dict`` cannot be loaded (``load_values``: also check values)."""
-        statedict.validate(
+        loading.validate(
             state_dict, self.param_groups, self.param_specs(), self.options.preconditioner, load_values
         )
 
@@ -449,17 +443,17 @@ class Shampoo(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load either form (see :mod:`.statedict`); validated whole before anything changes."""
         layout, dtype_of = self._known_layout(), self._preconditioner.state_dtype
-        loading = statedict.prepare_load(
+        prepared = loading.prepare_load(
             state_dict, self.param_groups, self.param_specs(), self.options.preconditioner, layout.keep
         )  # this rank's parameters (and blocks)
         self._consolidated, self._loaded_whole = None, self._layout is None
-        super().load_state_dict(part := loading.part)
+        super().load_state_dict(part := prepared.part)
         keys = [key for group in part["param_groups"] for key in group["params"]]
         for param, saved in zip(self._params(), map(part["state"].get, keys), strict=True):
             if saved:
-                statedict.restore(self.state[param], saved, layout.import_, param.device, dtype_of)
-        self._progress = loading.progress
-        self._engine.load_state_dict(statedict.map_tensors(loading.engine, layout.import_))
+                loading.restore(self.state[param], saved, layout.import_, param.device, dtype_of)
+        self._progress = prepared.progress
+        self._engine.load_state_dict(statedict.map_tensors(prepared.engine, layout.import_))
 
     # ------------------------------------------------------------------ copies
 
