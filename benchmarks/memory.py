@@ -1,22 +1,28 @@
-"""Figure 6: optimizer-state bytes per parameter, Shampoo vs AdamW, on the two timed models.
+"""Figure 6: optimizer-state bytes per parameter, Shampoo configurations vs AdamW, on the timed models,
+the recipes' models and the README's examples.
 
 State is counted after one step (all state is created lazily by then), storage by storage, so views
 and shared tensors are counted once. For a 2-D ``m×n`` block Shampoo keeps the first moment and the
-graft's second moment (``8·m·n`` bytes, like AdamW) plus a factor and a root per dim
-(``8·(m² + n²)`` bytes).
+graft's second moment (``8·m·n`` bytes, like AdamW) plus a factor and a root per dim (``8·(m² + n²)``
+bytes in fp32, half in bfloat16); a dim whose factor would be far larger than its block has none
+(``max_factor_ratio``).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from lightning_shampoo.recipes import CharTransformer, DigitsMLP
+
 from . import optimizers, report
 from .harness import FigureResult, Settings, Table, progress
-from .models import WORKLOADS
+from .models import WORKLOADS, mlp
 
 NAME = "memory"
 
@@ -25,11 +31,13 @@ MOMENTS = ("exp_avg", "exp_avg_sq", "graft_sq")  # AdamW's and Shampoo's element
 
 
 def _category(key: str) -> str:
-    """Breakdown of the state: moments, Kronecker factors, inverse roots, and the rest (step counters)."""
+    """Breakdown of the state: moments, Kronecker factors, inverse roots or eigenbases, and the rest."""
     if key in MOMENTS:
         return "moments"
     if key.startswith(("factor_", "root_")):
         return key.split("_")[0] + "s"
+    if key.startswith("basis_"):
+        return "bases"
     return "other"
 
 
@@ -50,24 +58,58 @@ def state_bytes(optimizer: Optimizer) -> dict[str, int]:
     return dict(out)
 
 
+@dataclass(frozen=True)
+class Model:
+    """A model whose optimizer state is counted, and an input that trains it one step."""
+
+    name: str
+    build: Callable[[], torch.nn.Module]
+    inputs: Callable[[], torch.Tensor]
+
+
+def models(quick: bool, device: torch.device) -> list[Model]:
+    """The timed workloads' models, the recipes' models at their defaults and the README's examples."""
+    timed = [Model(w.name, w.build, lambda w=w: w.batches(torch.Generator().manual_seed(0))[0][0])
+             for w in (make(quick, device) for make in WORKLOADS)]
+    tokens = lambda: torch.randint(0, 256, (2, 128), device=device)  # noqa: E731
+    features = lambda width: (lambda: torch.randn(8, width, device=device))  # noqa: E731
+    return [
+        *timed,
+        Model("digits recipe (DigitsMLP)", lambda: DigitsMLP().to(device), features(64)),
+        Model("char-LM recipe (CharTransformer)", lambda: CharTransformer().to(device), tokens),
+        Model("README PyTorch example", lambda: mlp((32, 64, 1)).to(device), features(32)),
+        Model("README Accelerate example", lambda: torch.nn.Sequential(
+            torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).to(device), features(32)),
+    ]
+
+
+def configurations() -> list[optimizers.OptimizerSpec]:
+    """AdamW, Shampoo at its defaults, with bfloat16 storage, with every dim a factor (the earlier
+    default) and eigenvalue corrected."""
+    return [
+        optimizers.adamw(),
+        optimizers.shampoo(10),
+        optimizers.shampoo(10, factor_dtype=torch.bfloat16, label="Shampoo bf16 factors"),
+        optimizers.shampoo(10, max_factor_ratio=None, label="Shampoo, every dim a factor"),
+        optimizers.shampoo(10, preconditioner="eigenvalue_corrected", graft="none", label="Shampoo EC"),
+    ]
+
+
 def run(settings: Settings) -> FigureResult:
     result = FigureResult(NAME, "Optimizer-state memory per parameter vs AdamW")
     table = Table(
         "Optimizer state after one step",
-        ["workload", "optimizer", "params", "state MiB", "bytes/param", "× AdamW", "breakdown (bytes/param)"],
+        ["model", "optimizer", "params", "state MiB", "bytes/param", "× AdamW", "breakdown (bytes/param)"],
     )
-    specs = [optimizers.adamw(), optimizers.shampoo(100)]
     bars: dict[str, dict[str, float]] = {}
-    for make in WORKLOADS:
-        workload = make(settings.quick, settings.device)
-        batch = workload.batches(torch.Generator().manual_seed(settings.seed))[0]
+    for model_entry in models(settings.quick, settings.device):
         adamw_bytes = 0
-        for spec in specs:
+        for spec in configurations():
             torch.manual_seed(settings.seed)
-            model = workload.build()
+            model = model_entry.build()
             assert spec.factory is not None
             optimizer = spec.factory(model.parameters())
-            workload.loss(model, batch).backward()
+            model(model_entry.inputs()).float().square().mean().backward()
             optimizer.step()
             optimizers.close(optimizer)
             breakdown = state_bytes(optimizer)
@@ -76,21 +118,22 @@ def run(settings: Settings) -> FigureResult:
             n_params = sum(p.numel() for p in model.parameters())
             per_param = {key: value / n_params for key, value in breakdown.items()}
             table.rows.append([
-                workload.name, spec.label, n_params, total / 2**20, total / n_params, total / adamw_bytes,
+                model_entry.name, spec.label, n_params, total / 2**20, total / n_params, total / adamw_bytes,
                 ", ".join(f"{key} {value:.2f}" for key, value in sorted(per_param.items())),
             ])
-            bars[f"{workload.name}\n{spec.label}"] = per_param
-            result.data.setdefault(workload.name, {})[spec.label] = {
+            if model_entry.name in ("mlp", "lm"):
+                bars[f"{model_entry.name}\n{spec.label}"] = per_param
+            result.data.setdefault(model_entry.name, {})[spec.label] = {
                 "params": n_params, "state_bytes": total, "bytes_per_param": total / n_params,
                 "breakdown_bytes": breakdown,
             }
-            progress(NAME, f"{workload.name} | {spec.label}: {total / n_params:.2f} bytes/param "
+            progress(NAME, f"{model_entry.name} | {spec.label}: {total / n_params:.2f} bytes/param "
                            f"({total / 2**20:.2f} MiB)")
     table.notes += [
-        "Shampoo at its defaults (block_size 1024, 1-D parameters preconditioned). moments: exp_avg and "
-        "exp_avg_sq (AdamW) or graft_sq (Shampoo); factors and roots: the Kronecker statistics and their "
-        "inverse roots; other: step counters. All fp32.",
-        "No low-precision factor storage option exists yet; when one is added, add its spec here.",
+        "Shampoo at its defaults (refresh every 10 steps, block_size 1024, max_factor_ratio 16: vectors and "
+        "dims far larger than their block keep the diagonal method). moments: exp_avg and exp_avg_sq "
+        "(AdamW, eigenvalue corrected) or graft_sq; factors, roots, bases: the Kronecker statistics and "
+        "their inverse roots or eigenbases; other: step counters and the refresh slots of the saved form.",
     ]
     result.tables.append(table)
     result.plots.append(_plot(bars, settings))

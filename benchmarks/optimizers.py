@@ -40,12 +40,14 @@ class OptimizerSpec:
     refresh_period: int = 0  # steps between preconditioner refreshes (0: none)
 
 
-def adamw(lr: float = 1e-3, weight_decay: float = 0.0) -> OptimizerSpec:
+def adamw(
+    lr: float = 1e-3, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999)
+) -> OptimizerSpec:
     return OptimizerSpec(
         "AdamW",
-        lambda params: torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay),
+        lambda params: torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay),
         kind="adamw",
-        options={"lr": lr, "weight_decay": weight_decay},
+        options={"lr": lr, "weight_decay": weight_decay, "betas": betas},
     )
 
 
@@ -60,9 +62,16 @@ def _shampoo_default(name: str) -> Any:
 
 
 def shampoo(
-    precondition_frequency: int, lr: float = 1e-3, refresh: str = "sync", **options: Any
+    precondition_frequency: int | None = None,
+    lr: float = 1e-3,
+    refresh: str = "sync",
+    label: str = "",
+    **options: Any,
 ) -> OptimizerSpec:
-    """lightning_shampoo at its defaults except ``precondition_frequency``, ``lr`` and ``options``."""
+    """lightning_shampoo at its defaults except ``precondition_frequency`` (default: Shampoo's), ``lr`` and
+    ``options``; ``label`` replaces the default name ``Shampoo f{frequency}``."""
+    if precondition_frequency is None:
+        precondition_frequency = _shampoo_default("precondition_frequency")
     kwargs = {"lr": lr, "precondition_frequency": precondition_frequency, **options}
     if refresh != "sync":
         kwargs["refresh"] = refresh
@@ -72,7 +81,7 @@ def shampoo(
         lag = 0 if refresh == "sync" else precondition_frequency
     suffix = "" if refresh == "sync" else f" {refresh}"
     return OptimizerSpec(
-        f"Shampoo f{precondition_frequency}{suffix}",
+        label or f"Shampoo f{precondition_frequency}{suffix}",
         lambda params: Shampoo(params, **kwargs),
         kind="shampoo",
         options=kwargs,

@@ -5,6 +5,7 @@ start, and the ablation's unavailable configurations."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import math
 from collections.abc import Callable
@@ -71,9 +72,12 @@ def test_quick_char_lm_training_lowers_the_loss(char_lm: convergence.Convergence
 def test_char_lm_sweeps_pass_the_task_settings(char_lm: convergence.ConvergenceTask) -> None:
     sweeps = char_lm.sweeps()
     assert [spec.options["lr"] for spec in sweeps["AdamW"]] == list(char_lm.lrs["AdamW"])
+    assert all(spec.options["betas"] == char_lm.adamw["betas"] == (0.9, 0.95) for spec in sweeps["AdamW"])
     for spec, lr in zip(sweeps["Shampoo"], char_lm.lrs["Shampoo"], strict=True):
         assert spec.kind == "shampoo"
-        assert spec.options == {"lr": lr, **char_lm.shampoo}
+        # Shampoo's defaults (its own refresh frequency), the task's settings on top: none today.
+        frequency = inspect.signature(Shampoo).parameters["precondition_frequency"].default
+        assert spec.options == {"lr": lr, "precondition_frequency": frequency, **char_lm.shampoo}
 
 
 def test_char_lm_8k_task_trains_the_recipe_model_on_8192_token_batches() -> None:
