@@ -196,3 +196,20 @@ def test_shampoo_fsdp_round_trips_every_ranks_factors_and_resumes(tmp_path: Path
     # Each rank preconditions its own shard: the factors differ, so a load that kept one rank's would fail.
     first, second = (rank["factors_saved"] for rank in ranks)
     assert any(not torch.equal(first[name], second[name]) for name in first)
+
+
+def test_callbacks_and_recipes_have_one_identity_however_they_are_imported() -> None:
+    # The folders `callbacks/` and `recipes/` are installed as lightning_shampoo.callbacks / .recipes; with
+    # the repository root on sys.path (as in this test run) they are importable by folder name too.
+    code = (
+        "import sys; sys.path.insert(0, '.')\n"
+        "import callbacks, recipes, lightning_shampoo.callbacks as lc, lightning_shampoo.recipes as lr\n"
+        "print(callbacks is lc, callbacks.ShampooCallback is lc.ShampooCallback,"
+        " recipes.DigitsMLP is lr.DigitsMLP,"
+        " 'callbacks.shampoo' in sys.modules, 'recipes.models' in sys.modules)"
+    )
+    root = Path(__file__).parents[1]
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root
+    )
+    assert result.stdout.split() == ["True", "True", "True", "False", "False"], result.stderr
