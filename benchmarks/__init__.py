@@ -5,12 +5,14 @@ results go to ``benchmarks/results/`` as ``results.md``, ``results.json`` and PN
 README's results block is generated from them (``python -m benchmarks.readme``).
 """
 
-import os
 import sys
 
-# Idle OpenMP threads sleep instead of spinning. With spinning, two threads on two cores stall for
-# milliseconds whenever another process holds one core (small ops slow down ~50×). It only acts before
-# torch loads OpenMP, so a process that already has torch (a test session) is left alone. Set
-# OMP_WAIT_POLICY=ACTIVE to measure the spinning default; the policy is recorded with the results.
+# The console script's rule: idle OpenMP threads sleep (PASSIVE) only where other processes already keep a
+# core busy (with spinning, two threads on two cores then stall for milliseconds at every op); on a free
+# machine OpenMP's default (spin briefly, then sleep) is faster. It only acts before torch loads OpenMP,
+# so a process that already has torch (a test session) is left alone. The policy is recorded with the
+# results; set OMP_WAIT_POLICY to choose it.
 if "torch" not in sys.modules:
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from lightning_shampoo._cpu import set_wait_policy
+
+    set_wait_policy()

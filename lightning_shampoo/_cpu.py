@@ -12,10 +12,13 @@ import os
 from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
 
-# Idle OpenMP threads sleep instead of spinning. A spinning team stalls whenever another process holds one
-# of its cores: on a shared 2-core machine (1-min load 5-12) the char-LM recipe with 2 training threads
-# ran 2.2-12.6x slower without it, median 4.2 (1 training thread: no team, no difference).
+# Where other processes already keep a core busy, idle OpenMP threads sleep instead of spinning: a spinning
+# team stalls whenever another process holds one of its cores. Measured on the 2-core machine, the char-LM
+# benchmark task's iteration (AdamW / Shampoo, 2 threads): with another process busy on one core, default
+# policy 86 / 1397 ms, PASSIVE 51 / 81 ms; on a free machine, default 24 / 42 ms, PASSIVE 40 / 101 ms (each
+# small op then pays a wake-up). So PASSIVE only where the machine is busy when training starts.
 WAIT_POLICY = "PASSIVE"
+BUSY_LOAD = 1.0  # 1-minute load average from which the machine counts as busy (a process on a core)
 # A background refresh worker gets cores of its own (REFRESH_THREADS of them, training the rest) only
 # where a training process has at least SPLIT_FROM cores; with fewer, taking one from training costs more
 # than sharing (measured on 2 cores: the char-LM recipe's tokens/s 0.94-2.6x, median 1.5x, higher shared
@@ -26,10 +29,14 @@ REFRESH_THREADS = 1
 SPLIT_FROM = 4
 
 
-def set_wait_policy(environ: MutableMapping[str, str] = os.environ) -> str:
-    """``OMP_WAIT_POLICY=PASSIVE`` unless already set; returns the policy in force. Acts only if called
-    before torch is imported (later, the running OpenMP runtime has already read it)."""
-    return environ.setdefault("OMP_WAIT_POLICY", WAIT_POLICY)
+def set_wait_policy(environ: MutableMapping[str, str] = os.environ, load: float | None = None) -> str:
+    """``OMP_WAIT_POLICY=PASSIVE`` if the machine is busy (1-minute ``load`` average ≥ :data:`BUSY_LOAD`,
+    read from the OS by default) and the user set none; returns the policy in force (``"default"``: unset,
+    OpenMP spins briefly, then sleeps). Acts only before torch is imported (the OpenMP runtime reads it
+    once)."""
+    if "OMP_WAIT_POLICY" not in environ and (os.getloadavg()[0] if load is None else load) >= BUSY_LOAD:
+        environ["OMP_WAIT_POLICY"] = WAIT_POLICY
+    return environ.get("OMP_WAIT_POLICY", "default")
 
 
 @dataclass(frozen=True)

@@ -189,8 +189,9 @@ The main job (a byte-level transformer on the Python standard library's source, 
                      optimizer step), e.g. --lr_scheduler CosineAnnealingLR --lr_scheduler.T_max 500
   --trainer.max_steps N  shorten a run;  `lightning-shampoo fit --help` lists every option
 
-On CPU the command sets OMP_WAIT_POLICY=PASSIVE and splits the cores between training and Shampoo's
-refresh worker, unless OMP_WAIT_POLICY, OMP_NUM_THREADS or the optimizer's refresh_threads are set.
+On CPU the command sets OMP_WAIT_POLICY=PASSIVE where other processes keep the machine busy (1-min
+load average >= 1; on a free machine OpenMP's default is faster) and splits the cores between training
+and Shampoo's refresh worker, unless OMP_WAIT_POLICY, OMP_NUM_THREADS or refresh_threads are set.
 """
 
 
