@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -52,7 +53,7 @@ class BlockPlan:
     def preconditioned(self) -> bool:
         return bool(self.groups)
 
-    @property
+    @cached_property  # asked for every tensor split or merged, every step
     def single_block(self) -> bool:
         """The whole (merged) tensor is one block: splitting and merging are reshapes."""
         return len(self.groups) == 1 and self.groups[0].n_blocks == 1

@@ -58,7 +58,7 @@ def diagonal_updates(
 def graft_norms(directions: list[Tensor], diagonals: list[Tensor]) -> list[Tensor]:
     """Per block of every stack ``(n, …)``: ``U = D·‖A‖/‖D‖``, with ``U = 0`` where ``‖D‖ = 0``.
 
-    ``diagonals[j]`` is ``A`` split like ``directions[j]``. All blocks' norms come from two foreach calls.
+    ``diagonals[j]`` is ``A`` split like ``directions[j]``. Norms take one reduction per stack.
     """
     d_norm, a_norm = _block_norms(directions), _block_norms(diagonals)
     scales = torch.where(d_norm > 0, a_norm / d_norm, torch.zeros_like(d_norm))
@@ -70,5 +70,6 @@ def graft_norms(directions: list[Tensor], diagonals: list[Tensor]) -> list[Tenso
 
 
 def _block_norms(stacks: list[Tensor]) -> Tensor:
-    """``‖block‖`` of every block of every stack, in order, from one foreach call."""
-    return torch.stack(torch._foreach_norm([block for stack in stacks for block in stack.unbind(0)]))
+    """``‖block‖`` of every block of every stack, in order: one reduction per stack (cheaper than a foreach
+    over the blocks, which loops over them one by one on CPU)."""
+    return torch.cat([torch.linalg.vector_norm(stack.reshape(stack.shape[0], -1), dim=1) for stack in stacks])

@@ -32,7 +32,7 @@ from .requests import RefreshSettings
 
 class _Entry(NamedTuple):
     """A parameter with a gradient (``index``: its position over all groups), ``weight`` and ``grad`` its
-    plain local tensors."""
+    plain local tensors, ``plan`` its blocks (looked up once a step)."""
 
     index: int
     group: dict[str, Any]
@@ -40,6 +40,7 @@ class _Entry(NamedTuple):
     param: Tensor
     weight: Tensor
     grad: Tensor
+    plan: BlockPlan
 
 
 class Shampoo(Optimizer):
@@ -256,7 +257,7 @@ class Shampoo(Optimizer):
         grads = {entry.index: layout.part(entry.param, entry.grad).float() for entry in updating}
         if step % self.options.statistics_frequency == 0:
             for entry in updating:
-                plan, state = self._plan(entry.group, entry.param), self.state[entry.param]
+                plan, state = entry.plan, self.state[entry.param]
                 rounding = rounding_generator(self.options.factor_dtype, step, entry.index, entry.grad.device)
                 for g, stack in enumerate(plan.split(grads[entry.index]) if plan.preconditioned else []):
                     factors = group_tensors(state, "factor", g, plan)
@@ -267,7 +268,7 @@ class Shampoo(Optimizer):
         self._install(self._engine.due(step))
         for group, members in _by_group(updating):
             states = [self.state[entry.param] for entry in members]
-            plans = [self._plan(group, entry.param) for entry in members]
+            plans = [entry.plan for entry in members]
             self._preconditioner.accumulate(group, states, [grads[e.index] for e in members], plans)
             updates = self._preconditioner.updates(group, states, plans)
             weights = [entry.weight for entry in members]
@@ -284,11 +285,11 @@ class Shampoo(Optimizer):
             if param.grad is None:
                 continue
             guards.check_supported(param, self._name(group, position, param))
-            weight = layout.weight(param)
+            weight, plan = layout.weight(param), self._plan(group, param)
             if layout.owns(index) and not self.state[param]:
-                self._preconditioner.init_state(self.state[param], weight, self._plan(group, param), group)
+                self._preconditioner.init_state(self.state[param], weight, plan, group)
                 loading.reserve(self.state[param])
-            entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad)))
+            entries.append(_Entry(index, group, position, param, weight, layout.local(param.grad), plan))
         return entries
 
     def _usable(self, entries: list[_Entry], layout: Layout) -> list[bool]:
@@ -309,7 +310,7 @@ class Shampoo(Optimizer):
             snapshot
             for e in entries
             for snapshot in self._preconditioner.snapshot(
-                e.index, self.state[e.param], self._plan(e.group, e.param), e.group, self._engine.capture
+                e.index, self.state[e.param], e.plan, e.group, self._engine.capture
             )
         ]
         if snapshots:

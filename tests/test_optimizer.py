@@ -103,6 +103,19 @@ def test_nonfinite_gradient_is_skipped_counted_and_warned_once():
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_gradient_screening_tells_unusable_gradients_from_large_usable_ones():
+    from lightning_shampoo.guards import OVERFLOW_LIMIT, unusable_gradients
+
+    big_fp16 = torch.full((10**6,), 100.0, dtype=torch.float16)  # its fp16 norm would overflow: still usable
+    huge = torch.zeros(4, 4)
+    huge[1, 2] = OVERFLOW_LIMIT**0.5 * 2  # finite, but its outer product would overflow fp32 statistics
+    nan = torch.ones(3)
+    nan[0] = float("nan")
+    bad = unusable_gradients([big_fp16, huge, torch.empty(0), nan, torch.ones(5)])
+    assert set(bad) == {1, 3}
+    assert bad[1] == pytest.approx(float(huge[1, 2])) and bad[3] != bad[3]  # max|g| reported; NaN is NaN
+
+
 def test_named_parameters_appear_in_the_warning():
     model = _model()
     opt = Shampoo(model.named_parameters(), lr=1e-2)
