@@ -117,16 +117,23 @@ DIGITS_ALONE = [
 COSINE = ["--lr_scheduler=torch.optim.lr_scheduler.CosineAnnealingLR", "--lr_scheduler.T_max=4"]
 
 
+def recipe_lr(name: str) -> float:
+    """The base learning rate a recipe's YAML gives its optimizer."""
+    model = yaml.safe_load((RECIPES / name).read_text())["model"]
+    return float(model["init_args"]["optimizer"]["init_args"]["lr"])
+
+
 def test_lr_scheduler_on_the_command_line_changes_the_trajectory_and_the_logged_lr() -> None:
     (constant,) = run([*DIGITS_ALONE, "--model.scheduler=null"])
     twin = f"--twin={RECIPES / 'digits_adamw.yaml'}"
     shampoo, adamw = run([*DIGITS_ALONE, "--model.scheduler=null", twin, *COSINE])
     # Step 1 runs at the base rate either way; from step 2 on the rates and so the losses differ.
     assert shampoo.losses[0] == constant.losses[0] and shampoo.losses[1:] != constant.losses[1:]
-    assert constant.final_metrics["lr"] == pytest.approx(0.003)
+    assert constant.final_metrics["lr"] == pytest.approx(recipe_lr("digits_shampoo.yaml"))
     # The rate of step 4 (logged by the module), after 3 per-step cosine steps of T_max=4; the twin too.
-    cosine = 0.003 * (1 + math.cos(math.pi * 3 / 4)) / 2
-    assert shampoo.final_metrics["lr"] == pytest.approx(cosine) == adamw.final_metrics["lr"]
+    cosine = (1 + math.cos(math.pi * 3 / 4)) / 2
+    assert shampoo.final_metrics["lr"] == pytest.approx(recipe_lr("digits_shampoo.yaml") * cosine)
+    assert adamw.final_metrics["lr"] == pytest.approx(recipe_lr("digits_adamw.yaml") * cosine)
 
 
 def test_recipe_schedule_ends_with_the_run() -> None:
@@ -139,7 +146,8 @@ def test_recipe_schedule_ends_with_the_run() -> None:
     (report,) = run(["fit", "--config", str(recipe), "--twin=null", "--plot=null", *FAST, *short])
     # The horizon is the run's own length: its last step runs just above the floor of the decay.
     cosine = (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup))) / 2
-    assert report.final_metrics["lr"] == pytest.approx(0.003 * (final + (1 - final) * cosine))
+    expected = recipe_lr(recipe.name) * (final + (1 - final) * cosine)
+    assert report.final_metrics["lr"] == pytest.approx(expected)
 
 
 def test_top_level_optimizer_is_built_by_the_recipe_module(recwarn: pytest.WarningsRecorder) -> None:
