@@ -90,6 +90,14 @@ def test_async_is_bitwise_sync_with_the_same_lag(kind: str, lag: int) -> None:
     assert losses == reference[0] and _same(params, reference[1])
 
 
+@pytest.mark.parametrize("lag", [0, 2])
+def test_async_is_bitwise_sync_with_the_same_lag_for_the_pseudo_inverse(lag: int) -> None:
+    reference = _run("root_inverse", 12, refresh="sync", refresh_lag=lag, pseudo_inverse=True)
+    losses, params = _run("root_inverse", 12, refresh="async", refresh_lag=lag, pseudo_inverse=True)
+    assert losses == reference[0] and _same(params, reference[1])
+    assert losses != _run("root_inverse", 12, refresh="sync", refresh_lag=lag)[0]  # the option took effect
+
+
 @pytest.mark.parametrize("resume", ["sync", "async"])
 def test_checkpoint_with_a_refresh_in_flight_resumes_bitwise(kind: str, resume: str) -> None:
     batches = _batches(16)

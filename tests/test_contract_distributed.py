@@ -1,8 +1,9 @@
-"""The contract over real gloo ranks, for every preconditioner: DDP-sharded training equals one process,
-checkpoints move between 2 ranks and 1 bitwise-close, parameter groups added after sharded steps are
-owned and stay identical across ranks, and the per-step collective carries any mix of dtypes.
+"""The contract over real gloo ranks, for every preconditioner (and the pseudo-inverse): DDP-sharded
+training equals one process, checkpoints move between 2 ranks and 1 bitwise-close, parameter groups added
+after sharded steps are owned and stay identical across ranks, and the per-step collective carries any
+mix of dtypes.
 
-One spawn runs every scenario for both preconditioners (module fixture); the one-process references run
+One spawn runs every scenario for every variant (module fixture); the one-process references run
 in the pytest process.
 """
 
@@ -22,11 +23,15 @@ from lightning_shampoo.layout import ParameterSync
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
+# Both preconditioners, and the root inverse with the pseudo-inverse (its early factors are rank-deficient).
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected", "pseudo_inverse")
 # The eigenvalue-corrected run waits for full-rank factors (see test_reference_equivalence.py); roots
 # install one step late, so a checkpoint after step 5 holds a refresh in flight.
 OPTIONS = {
     "root_inverse": dict(lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3),
+    "pseudo_inverse": dict(
+        lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3, pseudo_inverse=True
+    ),
     "eigenvalue_corrected": dict(
         lr=1e-2, block_size=8, start_preconditioning_step=5, precondition_frequency=3,
         preconditioner="eigenvalue_corrected", graft="none",
