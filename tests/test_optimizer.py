@@ -285,3 +285,14 @@ def test_param_groups_are_batched_apart_and_keep_their_own_hyperparameters():
     for a, b in pairs:
         assert torch.equal(a, b)
     assert joint.state[together[1][1]]["step"] == 6 and joint.state[together[1][0]]["step"] == 7
+
+
+def test_bfloat16_roots_are_warned_about_and_bfloat16_bases_are_not():
+    params = nn.Linear(4, 3).parameters
+    with pytest.warns(UserWarning, match="eigenvalue_corrected") as caught:
+        Shampoo(params(), factor_dtype=torch.bfloat16)
+    assert caught[0].filename == __file__  # the user's line, not the package's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Shampoo(params(), factor_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected")
+        Shampoo(params())
