@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import textwrap
 from typing import Any
 
 import torch
@@ -139,14 +140,21 @@ def run(settings: Settings) -> FigureResult:
 
 
 def _plot(data: dict[str, dict[str, Any]], settings: Settings) -> str:
-    """Steps (top) and seconds (bottom) to each task's target, one bar per configuration that got there."""
-    fig, axes = report.subplots(2, len(data), width=4.0 * len(data), height=6.0)
+    """Steps (top) and seconds (bottom) to each task's target, one bar per configuration, in the same rows
+    for every task (named in the first column; "not reached" where a configuration never got there)."""
+    fig, axes = report.subplots(2, len(data), width=5.0 + 3.5 * len(data), height=8.0)
     for column, (task, record) in enumerate(data.items()):
-        reached = {name: entry["best"] for name, entry in record["entries"].items()
-                   if "best" in entry and math.isfinite(entry["best"]["steps_to_target"])}
+        names = list(record["entries"])
+        best = [record["entries"][name].get("best") for name in names]
+        reached = [b is not None and math.isfinite(b["steps_to_target"]) for b in best]
         for row, (key, label) in enumerate((("steps_to_target", "steps"), ("seconds_to_target", "seconds"))):
             ax = axes[row * len(data) + column]
-            ax.barh(list(reached), [best[key] for best in reached.values()])
+            ax.barh(range(len(names)), [b[key] if ok else 0.0 for b, ok in zip(best, reached, strict=True)])
+            for position, ok in enumerate(reached):
+                if not ok:
+                    ax.text(0, position, " not reached", va="center", fontsize=7)
+            labels = ["\n".join(textwrap.wrap(name, 48)) for name in names] if column == 0 else []
+            ax.set_yticks(range(len(names)), labels=labels, fontsize=7)
             ax.invert_yaxis()
             ax.set(xlabel=f"{label} to target {record['target']:g}", title=task)
     return report.save(fig, settings.out_dir, f"{NAME}.png")
