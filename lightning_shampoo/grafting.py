@@ -72,4 +72,5 @@ def graft_norms(directions: list[Tensor], diagonals: list[Tensor]) -> list[Tenso
 def _block_norms(stacks: list[Tensor]) -> Tensor:
     """``‖block‖`` of every block of every stack, in order: one reduction per stack (cheaper than a foreach
     over the blocks, which loops over them one by one on CPU)."""
-    return torch.cat([torch.linalg.vector_norm(stack.reshape(stack.shape[0], -1), dim=1) for stack in stacks])
+    flat = [stack.flatten(1) if stack.dim() > 1 else stack[:, None] for stack in stacks]  # (n, block numel)
+    return torch.cat([torch.linalg.vector_norm(blocks, dim=1) for blocks in flat])
