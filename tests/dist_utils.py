@@ -118,9 +118,11 @@ def train_one_process(model: torch.nn.Module, opt: Any, steps: list, world_size:
     return trajectory
 
 
-def train_ddp(rank: int, world_size: int, model: torch.nn.Module, opt: Any, steps: list) -> list:
+def train_ddp(
+    rank: int, world_size: int, model: torch.nn.Module, opt: Any, steps: list, log: list | None = None
+) -> list:
     """Train under DistributedDataParallel, each rank on its rows of every batch; the parameters after every
-    step."""
+    step. ``log`` gets, per step, the gradients and the collectives ``opt.step()`` called."""
     from torch.nn.parallel import DistributedDataParallel
 
     ddp = DistributedDataParallel(model)
@@ -129,8 +131,30 @@ def train_ddp(rank: int, world_size: int, model: torch.nn.Module, opt: Any, step
         rows = rank_rows(len(x), rank, world_size)
         opt.zero_grad()
         torch.nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
-        opt.step()
+        calls: list[str] = []
+        with counting_collectives(calls):
+            opt.step()
+        if log is not None:
+            log.append({"grads": [p.grad.clone() for p in model.parameters()], "collectives": calls})
         trajectory.append(flat_params(model))
+    return trajectory
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard; a plain tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+def train_shards(model: torch.nn.Module, opt: Any, steps: list, rank: int = 0, world_size: int = 1) -> list:
+    """Train a (``fully_shard``-ed or plain) model, each rank on its rows of every batch; the parameters'
+    local shards after every step."""
+    trajectory = []
+    for x, y in steps:
+        rows = rank_rows(len(x), rank, world_size)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
+        opt.step()
+        trajectory.append([local(p).detach().clone() for p in model.parameters()])
     return trajectory
 
 

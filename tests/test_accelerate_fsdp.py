@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_utils import RefreshGate, rank_rows, run_ranks
+from dist_utils import RefreshGate, run_ranks, train_shards
 from torch import nn
 
 from lightning_shampoo import Shampoo
@@ -74,17 +74,6 @@ def _batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)) for _ in range(STEPS)]
 
 
-def _train(model: nn.Module, optimizer: Any, batches: list, rank: int, world_size: int) -> list:
-    trajectory = []
-    for x, y in batches:
-        rows = rank_rows(len(x), rank, world_size)
-        optimizer.zero_grad()
-        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
-        optimizer.step()
-        trajectory.append([p.to_local().detach().clone() for p in model.parameters()])
-    return trajectory
-
-
 def _scenarios(rank: int, world_size: int, directory: str) -> dict[str, Any]:
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size)
@@ -102,26 +91,26 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict[str, Any]:
     # Reference: Shampoo built on the sharded parameters directly, never swapped.
     model = _shard(_model(0))
     with Shampoo(model.parameters(), **OPTIONS) as direct:
-        out["direct"] = _train(model, direct, batches, rank, world_size)
+        out["direct"] = train_shards(model, direct, batches, rank, world_size)
 
     model, optimizer, plain = _prepared(accelerator, 0, decide_layout=True)
     out["layout"] = optimizer.optimizer.layout.name
     gc.collect()
     out["plain_released"] = all(ref() is None for ref in plain)
-    out["swapped"] = _train(model, optimizer, batches, rank, world_size)
+    out["swapped"] = train_shards(model, optimizer, batches, rank, world_size)
     optimizer.optimizer.close()
 
     for state_dict_type in STATE_DICT_TYPES:
         plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type=state_dict_type)
         model, optimizer, _ = _prepared(accelerator, 0)
         prepare_shampoo(accelerator, optimizer)
-        _train(model, optimizer, batches[: SAVED_AT - 2], rank, world_size)
+        train_shards(model, optimizer, batches[: SAVED_AT - 2], rank, world_size)
         optimizer.optimizer.drain()
         # Rank 1 saves step 8's refresh still being computed, rank 0 with its results.
         gate = RefreshGate()
         if rank == 1:
             gate.open.clear()
-        _train(model, optimizer, batches[SAVED_AT - 2 : SAVED_AT], rank, world_size)
+        train_shards(model, optimizer, batches[SAVED_AT - 2 : SAVED_AT], rank, world_size)
         if rank == 0:
             optimizer.optimizer.drain()
         shards = [p.to_local().detach().clone() for p in model.parameters()]
@@ -135,7 +124,7 @@ def _scenarios(rank: int, world_size: int, directory: str) -> dict[str, Any]:
             for param, shard in zip(model.parameters(), shards, strict=True):
                 param.to_local().copy_(shard)
         load_fsdp_optimizer(plugin, accelerator, optimizer, model, f"{directory}/{state_dict_type}")
-        resumed = _train(model, optimizer, batches[SAVED_AT:], rank, world_size)
+        resumed = train_shards(model, optimizer, batches[SAVED_AT:], rank, world_size)
         out[state_dict_type] = {
             "in_flight": in_flight,
             "resumed": resumed,

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from dist_utils import RefreshGate, rank_rows, run_ranks
+from dist_utils import RefreshGate, local, run_ranks, train_shards
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -51,33 +51,17 @@ def _batches(n: int = STEPS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(torch.randn(16, 12, generator=g), torch.randn(16, 3, generator=g)) for _ in range(n)]
 
 
-def _train(model: nn.Module, opt: Shampoo, batches: list[Any], rank: int = 0, world_size: int = 1) -> list:
-    """Parameters (local shards) after every step."""
-    trajectory = []
-    for x, y in batches:
-        rows = rank_rows(len(x), rank, world_size)
-        opt.zero_grad()
-        nn.functional.mse_loss(model(x[rows]), y[rows]).backward()
-        opt.step()
-        trajectory.append([_local(p).detach().clone() for p in model.parameters()])
-    return trajectory
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def _first_run(build: Any, kind: str, batches: list, computed: bool, rank: int = 0, world: int = 1) -> tuple:
     """Train to the save with step 8's refresh in flight (``computed``: its results ready, else still
     being computed) and a refresh requested; the model, optimizer and the gate to open after saving."""
     model = build()
     opt = Shampoo(model.parameters(), preconditioner=kind, **OPTIONS)
     gate = RefreshGate()
-    _train(model, opt, batches[: SAVED_AT - 2], rank, world)
+    train_shards(model, opt, batches[: SAVED_AT - 2], rank, world)
     opt.drain()  # step 5's refresh, installed at step 7, is done: the gate can close
     if not computed:
         gate.open.clear()
-    _train(model, opt, batches[SAVED_AT - 2 : SAVED_AT], rank, world)
+    train_shards(model, opt, batches[SAVED_AT - 2 : SAVED_AT], rank, world)
     if computed:
         opt.drain()
     opt.request_refresh()
@@ -88,9 +72,9 @@ def _first_run(build: Any, kind: str, batches: list, computed: bool, rank: int =
 def _reference(build: Any, kind: str, batches: list, rank: int = 0, world: int = 1) -> tuple[list, dict]:
     model = build()
     with Shampoo(model.parameters(), preconditioner=kind, **OPTIONS) as opt:
-        trajectory = _train(model, opt, batches[:SAVED_AT], rank, world)
+        trajectory = train_shards(model, opt, batches[:SAVED_AT], rank, world)
         opt.request_refresh()
-        trajectory += _train(model, opt, batches[SAVED_AT:], rank, world)
+        trajectory += train_shards(model, opt, batches[SAVED_AT:], rank, world)
         return trajectory[SAVED_AT:], {key: opt.metrics()[key] for key in PROGRESS}
 
 
@@ -139,7 +123,7 @@ def _resume(
         second.load_state_dict(weights)
     _load(second, fresh, api, options, saved)
     with fresh:
-        trajectory = _train(second, fresh, batches[SAVED_AT:], rank, world)
+        trajectory = train_shards(second, fresh, batches[SAVED_AT:], rank, world)
         return trajectory, {key: fresh.metrics()[key] for key in PROGRESS}, evidence
 
 
@@ -151,10 +135,10 @@ def _in_flight_entry(optimizer_state: dict[str, Any], flatten: bool) -> dict[str
         computed = next(
             v for k, v in optimizer_state.items() if k.startswith(slot) and k.endswith(".computed")
         )
-        return {"in_flight": optimizer_state[count], "computed": bool(_local(computed).all())}
+        return {"in_flight": optimizer_state[count], "computed": bool(local(computed).all())}
     section = next(iter(optimizer_state["state"].values()))["shampoo"]
     factor = next(value for value in section["refreshes"]["0"].values() if isinstance(value, dict))
-    return {"in_flight": section["in_flight"], "computed": bool(_local(factor["computed"]).all())}
+    return {"in_flight": section["in_flight"], "computed": bool(local(factor["computed"]).all())}
 
 
 def _same(a: list, b: list) -> bool:
@@ -194,15 +178,15 @@ def test_more_refreshes_in_flight_than_slots_survive_a_passed_dict_and_warn_thro
     batches = _batches()
     model = _model()
     with Shampoo(model.parameters(), **OPTIONS) as opt:
-        _train(model, opt, batches[:8])
+        train_shards(model, opt, batches[:8])
         opt.request_refresh()
-        _train(model, opt, batches[8:SAVED_AT])
+        train_shards(model, opt, batches[8:SAVED_AT])
         assert opt.metrics()["in_flight"] == 2
         preconditioned = sum(any(key.startswith("factor_") for key in state) for state in opt.state.values())
         saved = copy.deepcopy(get_optimizer_state_dict(model, opt))  # the live state trains on below
         dcp.save({"optimizer": saved}, checkpoint_id=str(tmp_path))
         weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        reference = _train(model, opt, batches[SAVED_AT:])
+        reference = train_shards(model, opt, batches[SAVED_AT:])
     for transport in ("memory", "dcp"):
         second = _model(seed=5)
         second.load_state_dict(weights)
@@ -217,7 +201,8 @@ def test_more_refreshes_in_flight_than_slots_survive_a_passed_dict_and_warn_thro
             else:
                 set_optimizer_state_dict(second, fresh, state)
             assert fresh.metrics()["in_flight"] == (2 if transport == "memory" else 1)
-            assert _same(_train(second, fresh, batches[SAVED_AT:]), reference) == (transport == "memory")
+            resumed = train_shards(second, fresh, batches[SAVED_AT:])
+            assert _same(resumed, reference) == (transport == "memory")
 
 
 @pytest.mark.parametrize("kind", PRECONDITIONERS)
@@ -235,7 +220,7 @@ def test_the_sectioned_form_earlier_versions_saved_still_resumes_bitwise(kind: s
     second.load_state_dict(weights)
     with Shampoo(second.parameters(), preconditioner=kind, **OPTIONS) as fresh:
         fresh.load_state_dict(old)
-        trajectory = _train(second, fresh, _batches()[SAVED_AT:])
+        trajectory = train_shards(second, fresh, _batches()[SAVED_AT:])
         progress = {key: fresh.metrics()[key] for key in PROGRESS}
     assert _same(trajectory, _one_process_reference(kind)[0])
     assert progress == _one_process_reference(kind)[1]

@@ -12,10 +12,9 @@ import random
 
 import pytest
 import torch
-from dist_utils import batches, counting_collectives, flat_params, mlp, rank_rows, run_ranks
+from dist_utils import batches, flat_params, mlp, run_ranks, train_ddp
 from reference import reference_blocks
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from lightning_shampoo import Shampoo
 from lightning_shampoo.blocking import plan_blocks
@@ -32,22 +31,13 @@ OPTIONS = dict(
 STEPS = 12
 def _train_ddp(rank, world_size, batches, distribute):
     model = mlp()
-    ddp = DistributedDataParallel(model)
     opt = Shampoo(model.parameters(), distribute=distribute, **OPTIONS)
-    trajectory, collectives = [], []
-    for x, y in batches:
-        rows = rank_rows(len(x), rank, world_size)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
-        calls: list[str] = []
-        with counting_collectives(calls):
-            opt.step()
-        collectives.append(calls)
-        trajectory.append(flat_params(model))
+    log: list[dict] = []
+    trajectory = train_ddp(rank, world_size, model, opt, batches, log)
     params = list(model.parameters())
     return {
         "trajectory": trajectory,
-        "collectives": collectives,
+        "collectives": [entry["collectives"] for entry in log],
         "owners": (opt.layout.shard_info() or {}).get("owners"),
         "with_state": [i for i, p in enumerate(params) if opt.state[p]],
         "factor_elements": sum(

@@ -15,14 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from dist_utils import (
-    counting_collectives,
-    flat_params,
-    max_relative_gap,
-    rank_rows,
-    run_ranks,
-    train_one_process,
-)
+from dist_utils import flat_params, max_relative_gap, run_ranks, train_ddp, train_one_process
 from torch import nn
 
 from lightning_shampoo import Shampoo
@@ -72,38 +65,16 @@ def _dominant_blocks(opt: Shampoo) -> dict[str, int]:
     return {key: value.shape[0] for key, value in state.items() if key.startswith("factor_")}
 
 
-def _train(
-    rank: int, world_size: int, model: nn.Module, opt: Shampoo, steps: list, log: list | None = None
-) -> list:
-    """Train under DDP, each rank on its rows of every batch; the parameters after every step. ``log``
-    gets, per step, rank 0's gradients and the collectives ``opt.step()`` called."""
-    from torch.nn.parallel import DistributedDataParallel
-
-    ddp = DistributedDataParallel(model)
-    trajectory = []
-    for x, y in steps:
-        rows = rank_rows(len(x), rank, world_size)
-        opt.zero_grad()
-        nn.functional.mse_loss(ddp(x[rows]), y[rows]).backward()
-        calls: list[str] = []
-        with counting_collectives(calls):
-            opt.step()
-        if log is not None:
-            log.append({"grads": [p.grad.clone() for p in model.parameters()], "collectives": calls})
-        trajectory.append(flat_params(model))
-    return trajectory
-
-
 def _from_scratch(rank: int, world_size: int, kind: str, data: list) -> dict[str, Any]:
     """Train from scratch; the state consolidated after ``SAVED_AT`` steps, with the model, on rank 0."""
     model = _model()
     opt = Shampoo(model.parameters(), **_options(kind))
     log: list[dict[str, Any]] = []
-    trajectory = _train(rank, world_size, model, opt, data[:SAVED_AT], log)
+    trajectory = train_ddp(rank, world_size, model, opt, data[:SAVED_AT], log)
     share = copy.deepcopy(opt.shard_state_dict())
     opt.consolidate_state_dict(to=0)
     saved = copy.deepcopy({"model": model.state_dict(), "optimizer": opt.state_dict()})
-    trajectory += _train(rank, world_size, model, opt, data[SAVED_AT:], log)
+    trajectory += train_ddp(rank, world_size, model, opt, data[SAVED_AT:], log)
     try:
         sharded_state_dict(opt)
         refused = ""
@@ -134,7 +105,7 @@ def _two(rank: int, world_size: int, data: list, singles: dict, fours: dict) -> 
         for origin, checkpoint in (("one", singles[kind]), ("four", fours[kind])):
             model, opt = _resumed(checkpoint["model"], kind)
             opt.load_state_dict(checkpoint["optimizer"])
-            out[kind]["resumed"][origin] = _train(rank, world_size, model, opt, data[SAVED_AT:])
+            out[kind]["resumed"][origin] = train_ddp(rank, world_size, model, opt, data[SAVED_AT:])
     return out
 
 
