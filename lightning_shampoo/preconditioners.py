@@ -262,7 +262,7 @@ class EigenvalueCorrected(Preconditioner):
         if second_moments is not None:
             grafting.update_second_moments(group["graft"], second_moments, grads, group["graft_beta2"])
         rotated = [
-            _rotate(state, plan, grad, True, self.matmul_dtype)
+            _rotate(state, plan, grad, into=True, dtype=self.matmul_dtype)
             for state, plan, grad in zip(states, plans, grads, strict=True)
         ]
         beta1, beta2 = group["betas"][0], group["graft_beta2"]
@@ -286,13 +286,13 @@ class EigenvalueCorrected(Preconditioner):
             group["graft_epsilon"],
         )
         updates = [
-            _rotate(state, plan, u, False, self.matmul_dtype)
+            _rotate(state, plan, u, into=False, dtype=self.matmul_dtype)
             for state, plan, u in zip(states, plans, rotated_updates, strict=True)
         ]
         if group["graft"] == "none":
             return updates
         momenta = [
-            _rotate(state, plan, m, False, self.matmul_dtype)
+            _rotate(state, plan, m, into=False, dtype=self.matmul_dtype)
             for state, plan, m in zip(states, plans, momenta_hat, strict=True)
         ]
         diagonals = grafting.diagonal_updates(
