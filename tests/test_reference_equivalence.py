@@ -87,25 +87,27 @@ def _run_pair(
     steps: int = 14,
     seed: int = 0,
     optimizer_only: dict[str, Any] | None = None,
+    device: torch.device | None = None,
     **overrides: Any,
 ) -> None:
+    """Step Shampoo (its parameters on ``device``, CPU by default) and the fp64 reference side by side."""
     hp = {**BASE, **overrides}
     gen = torch.Generator().manual_seed(seed + 1)
     inits = [torch.randn(shape, generator=gen) for shape in shapes]
-    params = [nn.Parameter(x.clone()) for x in inits]
+    params = [nn.Parameter(x.clone().to(device)) for x in inits]
     optimizer = Shampoo(params, **hp, **(optimizer_only or {}))
     reference = ReferenceShampoo(inits, **hp)
     stream = GradientStream(shapes, seed)
     for t in range(1, steps + 1):
         grads = stream.next()
-        before = [p.detach().double().clone() for p in params]
+        before = [p.detach().double().cpu() for p in params]
         reference_before = [w.clone() for w in reference.params]
         for p, g in zip(params, grads, strict=True):
-            p.grad = g.clone()
+            p.grad = g.to(p.device, copy=True)
         optimizer.step()
         reference.step(grads)
         for i, p in enumerate(params):
-            actual = p.detach().double() - before[i]
+            actual = p.detach().double().cpu() - before[i]
             expected = reference.params[i] - reference_before[i]
             _assert_update_close(actual, expected, f"step {t}, param {i} {tuple(shapes[i])}")
 
