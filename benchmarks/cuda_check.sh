@@ -8,7 +8,7 @@
 #
 # Everything lands in OUT_DIR (one log per step, the figures under OUT_DIR/results), packed at the end
 # into OUT_DIR/cuda.tar.gz. Installs the checkout with --no-deps: the machine's torch, Lightning and
-# Accelerate are used as they are.
+# Accelerate are used as they are; wheels in .whl/ (e.g. jsonargparse for the console script) are added.
 set -uo pipefail
 OUT="${1:?usage: cuda_check.sh OUT_DIR [BUDGET_SECONDS]}"
 DEADLINE=$((SECONDS + ${2:-500}))
@@ -37,6 +37,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import os, torch, lightning, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda,
   'lightning', lightning.__version__, 'accelerate', accelerate.__version__, 'threads', torch.get_num_threads(),
   'cpus', os.cpu_count(), 'load', os.getloadavg()[0])"
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels the machine lacks (e.g. jsonargparse), carried along
+    step wheels 60 python3 -m pip install --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 step install 120 python3 -m pip install --no-deps --no-build-isolation --no-index -e .
 TAIL=40 step tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 figure refresh_hiding 150

@@ -32,6 +32,14 @@ EIGH_DTYPES = (torch.float32, torch.float64)
 CHECK_SLACK = 32  # τ = CHECK_SLACK·d·u: see the module docstring
 
 
+def default_eigh_dtype(device: torch.device) -> torch.dtype:
+    """The faster precision on ``device`` where the user chose none: float32 (checked, float64 fallback)
+    on the CPU, float64 on CUDA. Measured: a float32 ``eigh`` took about half the time of a float64 one on
+    the 2-core CPU, while on an H200 (cuSOLVER, torch 2.11) float64 was 2.6×, 5× and 5.4× faster at
+    d = 128, 256 and 512 (batched, per matrix) and its roots are exact to 1e-11 instead of 1e-4."""
+    return torch.float64 if device.type == "cuda" else torch.float32
+
+
 @dataclass(frozen=True)
 class Eigendecomposition:
     """``S = Q diag(values) Qᵀ`` for a batch ``(n, d, d)``, with its check.

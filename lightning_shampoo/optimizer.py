@@ -82,7 +82,8 @@ class Shampoo(Optimizer):
             small dims merge only under that bound): no factor far larger than its block (None: all dims).
         max_root_residual: reject a root whose residual check exceeds this.
         eigh_dtype: precision of the refresh's eigendecompositions: float32, each checked and recomputed
-            in float64 where it fails (about 2× cheaper), or float64 (:mod:`.eigen`).
+            in float64 where it fails, or float64 (:mod:`.eigen`); None: float32 where the refresh runs on
+            the CPU (about 2× cheaper there), float64 on CUDA (faster there).
         basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
             this is kept, else recomputed (0: recomputed every refresh).
         factor_dtype: storage of the factors, roots and bases: float32, or bfloat16 (half the memory; the
@@ -128,7 +129,7 @@ class Shampoo(Optimizer):
         precondition_1d: bool = True,
         max_factor_ratio: float | None = 16.0,
         max_root_residual: float = 0.1,
-        eigh_dtype: torch.dtype = torch.float32,
+        eigh_dtype: torch.dtype | None = None,
         basis_tolerance: float = 0.01,
         factor_dtype: torch.dtype = torch.float32,
         matmul_dtype: torch.dtype | None = None,

@@ -189,7 +189,7 @@ class StepOptions:
     statistics_frequency: int
     check_finite: bool
     distribute: str
-    eigh_dtype: torch.dtype = torch.float32
+    eigh_dtype: torch.dtype | None = None
     basis_tolerance: float = 0.01
     factor_dtype: torch.dtype = torch.float32
     matmul_dtype: torch.dtype | None = None
@@ -213,7 +213,8 @@ class StepOptions:
             f"distribute must be one of {DISTRIBUTE_MODES}, got {self.distribute!r}",
         )
         require(
-            self.eigh_dtype in EIGH_DTYPES, f"eigh_dtype must be one of {EIGH_DTYPES}, got {self.eigh_dtype}"
+            self.eigh_dtype is None or self.eigh_dtype in EIGH_DTYPES,
+            f"eigh_dtype must be None or one of {EIGH_DTYPES}, got {self.eigh_dtype}",
         )
         require(
             self.factor_dtype in FACTOR_DTYPES,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .eigen import BasisResult, eigenbasis
+from .eigen import BasisResult, default_eigh_dtype, eigenbasis
 from .roots import RootResult, inverse_pth_root
 
 
@@ -63,12 +63,13 @@ class FactorSnapshot:
 @dataclass(frozen=True)
 class RefreshSettings:
     """Optimizer-wide settings of the refresh computation: the inverse-root method and its acceptance
-    bound, the precision of the eigendecompositions (float32 with a checked float64 fallback, or
-    float64), and how far a previous eigenbasis may drift before it is refined (see :mod:`.eigen`)."""
+    bound, the precision of the eigendecompositions (float32 with a checked float64 fallback, float64,
+    or None: the faster one where the matrices are, :func:`.eigen.default_eigh_dtype`), and how far a
+    previous eigenbasis may drift before it is refined (see :mod:`.eigen`)."""
 
     inverse_root: str = "eigh"
     max_root_residual: float = 0.1
-    eigh_dtype: torch.dtype = torch.float32
+    eigh_dtype: torch.dtype | None = None
     basis_tolerance: float = 0.01
 
 
@@ -81,6 +82,7 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
     results: list[Result | None] = [None] * len(snapshots)
     for (_, request, warm), members in buckets.items():
         stacked = torch.cat([snapshots[i].matrices for i in members])
+        eigh_dtype = settings.eigh_dtype or default_eigh_dtype(stacked.device)
         if isinstance(request, RootRequest):
             batch: Result = inverse_pth_root(
                 stacked,
@@ -90,7 +92,7 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
                 method=settings.inverse_root,
                 max_residual=settings.max_root_residual,
                 pseudo_inverse=request.pseudo_inverse,
-                eigh_dtype=settings.eigh_dtype,
+                eigh_dtype=eigh_dtype,
             )
         else:
             previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
@@ -98,7 +100,7 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
             # as a float32 eigh (measured), so refining a drifted basis saves nothing there.
             tolerance = settings.basis_tolerance
             batch = eigenbasis(
-                stacked, previous, tolerance=tolerance, restart=tolerance, dtype=settings.eigh_dtype
+                stacked, previous, tolerance=tolerance, restart=tolerance, dtype=eigh_dtype
             )
         sizes = [snapshots[i].matrices.shape[0] for i in members]
         parts = [value.split(sizes) for value in fields_of(batch).values()]

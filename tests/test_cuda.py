@@ -14,14 +14,16 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 from test_reference_equivalence import CASES, CORRECTED, CORRECTED_CASES, EXACT_BASES, _run_pair
 from torch import nn
+from typing_extensions import override
 
 from lightning_shampoo import OnRequest, Shampoo
 from lightning_shampoo.callbacks import ShampooCallback
 from lightning_shampoo.recipes import Digits, DigitsMLP
 from lightning_shampoo.refresh import RefreshEngine
-from lightning_shampoo.requests import FactorSnapshot, RootRequest
+from lightning_shampoo.requests import FactorSnapshot, RefreshSettings, RootRequest, compute_refresh
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path needs a CUDA device")
 
@@ -160,10 +162,24 @@ def test_checkpoint_moves_from_cuda_to_cpu_with_a_refresh_in_flight() -> None:
     torch.testing.assert_close(torch.tensor(cpu_losses), torch.tensor(gpu_losses), rtol=1e-3, atol=1e-6)
 
 
+class _DeviceLog(Callback):
+    """The devices of the module's parameters and of the optimizer's state, while training."""
+
+    def __init__(self) -> None:
+        self.devices: set[str] = set()
+
+    @override
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: object) -> None:
+        self.devices |= {p.device.type for p in pl_module.parameters()}
+        state = trainer.optimizers[0].state.values()
+        self.devices |= {v.device.type for s in state for v in s.values() if isinstance(v, torch.Tensor)}
+
+
 def test_lightning_trainer_on_gpu_with_bf16_autocast_and_host_refresh() -> None:
     pl.seed_everything(7)
     factory = partial(Shampoo, lr=3e-3, refresh="async", refresh_lag=2, refresh_policy=OnRequest())
     model = DigitsMLP(hidden=64, depth=2, optimizer=factory)
+    devices = _DeviceLog()
     trainer = pl.Trainer(
         accelerator="gpu",
         devices=1,
@@ -175,11 +191,24 @@ def test_lightning_trainer_on_gpu_with_bf16_autocast_and_host_refresh() -> None:
         enable_model_summary=False,
         limit_val_batches=0,
         num_sanity_val_steps=0,
-        callbacks=[ShampooCallback(every_n_steps=5)],
+        callbacks=[ShampooCallback(every_n_steps=5), devices],
     )
     trainer.fit(model, Digits(batch_size=64))
-    optimizer = trainer.optimizers[0]
-    metrics = optimizer.metrics()
+    metrics = trainer.optimizers[0].metrics()
     assert metrics["step"] == 40 and metrics["installs"] >= 6 and metrics["roots_rejected"] == 0
-    assert all(p.is_cuda for p in model.parameters())
+    assert devices.devices == {CUDA.type}  # Lightning moves everything back to the CPU at teardown
     assert torch.isfinite(trainer.callback_metrics["train_loss"]).item()
+
+
+def test_refresh_on_cuda_decomposes_in_float64_by_default() -> None:
+    """A float32 eigh of a factor of condition 1e6 misses its inverse root by ~1e-4 (benchmarks' inverse_root
+    figure); the CUDA default, float64, only by the float32 rounding of the result."""
+    gen = torch.Generator().manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(256, 256, generator=gen, dtype=torch.float64))
+    factor = ((q * torch.logspace(0, -6, 256, dtype=torch.float64)) @ q.mT).float()
+    request = RootRequest(exponent=4.0, epsilon=1e-12, relative_epsilon=False)
+    [result] = compute_refresh([FactorSnapshot(0, "0_0", factor[None].to(CUDA), request)], RefreshSettings())
+    values, vectors = torch.linalg.eigh(factor.double())
+    expected = vectors @ torch.diag((values + 1e-12) ** -0.25) @ vectors.mT
+    error = (result.root[0].cpu().double() - expected).abs().max() / expected.abs().max()
+    assert error < 1e-5, error

@@ -171,6 +171,7 @@ def test_sparse_and_complex_gradients_are_refused_by_name():
         ({"start_preconditioning_step": 0}, "start_preconditioning_step"),
         ({"exponent_override": 0}, "exponent_override"),
         ({"epsilon": -1.0}, "epsilon"),
+        ({"eigh_dtype": torch.float16}, "eigh_dtype must be None or one of"),
     ],
 )
 def test_invalid_hyperparameters_are_refused(kwargs, match):
