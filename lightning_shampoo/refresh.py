@@ -26,6 +26,7 @@ import queue
 import sys
 import threading
 import time
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .guards import caller_stacklevel
 from .policies import EveryNSteps, FunctionPolicy, OnRequest, RefreshPolicy
 from .requests import (
     FactorSnapshot,
@@ -54,6 +56,9 @@ __all__ = ["MODES", "EveryNSteps", "FunctionPolicy", "OnRequest", "RefreshEngine
 MODES = ("sync", "async", "best_effort")
 # Added to the refresh worker's nice value (Linux): see _lower_priority.
 WORKER_NICENESS = 10
+# A background refresh that keeps training waiting is reported once: after this many waits, where they
+# took this share of the time since the first refresh was submitted.
+LATE_WAITS, LATE_SHARE = 3, 0.1
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -231,6 +236,9 @@ class RefreshEngine:
         self._latency_last = self._latency_sum = 0.0
         self._staleness_last = self._staleness_sum = 0
         self._wait_s = 0.0
+        self._late_waits = 0
+        self._warned_late = False
+        self._first_submit: float | None = None
 
     # ------------------------------------------------------------------ training-thread API
 
@@ -252,6 +260,8 @@ class RefreshEngine:
     def submit(self, step: int, snapshots: list[FactorSnapshot]) -> None:
         """Start computing the results of the snapshots taken at ``step``."""
         ticket = _Ticket(step, step + self.lag, snapshots)
+        if self._first_submit is None:
+            self._first_submit = ticket.submitted
         ticket.copies = [torch.cuda.current_stream(device).record_event() for device in self._copy_devices]
         self._copy_devices.clear()
         if self.mode == "sync":
@@ -389,6 +399,25 @@ class RefreshEngine:
         start = time.perf_counter()
         ticket.done.wait()
         self._wait_s += time.perf_counter() - start
+        if self.lag > 0:  # with lag 0 waiting is what was asked for
+            self._warn_if_late()
+
+    def _warn_if_late(self) -> None:
+        """Warn once when background refreshes keep training waiting (see :data:`LATE_SHARE`)."""
+        self._late_waits += 1
+        elapsed = time.perf_counter() - (self._first_submit or 0.0)
+        if self._warned_late or self._late_waits < LATE_WAITS or self._wait_s < LATE_SHARE * elapsed:
+            return
+        self._warned_late = True
+        warnings.warn(
+            f"Shampoo: training waited {self._wait_s:.2f} s of the {elapsed:.1f} s since the first refresh "
+            f"for refreshes computed in the background ({self.mode!r}, lag {self.lag}): one takes longer "
+            f"than {self.lag} steps. Refresh less often (precondition_frequency), allow a longer lag "
+            "(refresh_lag), give the worker more threads (refresh_threads), or use refresh='sync' where the "
+            "training device computes a refresh faster (on a GPU: its float64 eigh).",
+            RuntimeWarning,
+            stacklevel=caller_stacklevel(),
+        )
 
 
 def _on_host(snapshot: FactorSnapshot) -> FactorSnapshot:

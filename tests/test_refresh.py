@@ -9,6 +9,7 @@ import textwrap
 import threading
 import time
 import traceback
+import warnings
 
 import pytest
 import torch
@@ -373,6 +374,33 @@ def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
         metrics = opt.metrics()
         assert metrics["installs"] == 6 and metrics["staleness"] == 1
         assert metrics["wait_s"] == waited
+
+
+@pytest.mark.parametrize("lag", [0, 2])
+def test_a_background_refresh_that_keeps_training_waiting_is_reported_once(monkeypatch, lag):
+    """Roots slower than the lag window make every install wait: said once, at the user's line, with what
+    to change. With lag 0 waiting is what was asked for, and nothing is said."""
+    real = refresh.compute_refresh
+
+    def slow(snapshots, settings):
+        time.sleep(0.1)
+        return real(snapshots, settings)
+
+    monkeypatch.setattr(refresh, "compute_refresh", slow)
+    model = _model()
+    options = {**FAST, "precondition_frequency": 1}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Shampoo(model.parameters(), **options, refresh="async", refresh_lag=lag) as opt:
+            _train(model, opt, _batches(12))
+    late = [w for w in caught if "training waited" in str(w.message)]
+    assert opt.metrics()["wait_s"] > 0.3
+    if lag == 0:
+        assert late == []
+    else:
+        assert len(late) == 1 and late[0].filename == __file__
+        message = str(late[0].message)
+        assert all(knob in message for knob in ("precondition_frequency", "refresh_lag", "'sync'"))
 
 
 def test_metrics_are_plain_floats_with_the_documented_keys():
