@@ -56,9 +56,9 @@ __all__ = ["MODES", "EveryNSteps", "FunctionPolicy", "OnRequest", "RefreshEngine
 MODES = ("sync", "async", "best_effort")
 # Added to the refresh worker's nice value (Linux): see _lower_priority.
 WORKER_NICENESS = 10
-# A background refresh that keeps training waiting is reported once: after this many waits, where they
-# took this share of the time since the first refresh was submitted.
-LATE_WAITS, LATE_SHARE = 3, 0.1
+# A background refresh that keeps training waiting is reported once: after LATE_WAITS waits, once they
+# add up to LATE_SECONDS and to LATE_SHARE of the time since the first refresh was submitted.
+LATE_WAITS, LATE_SECONDS, LATE_SHARE = 3, 0.5, 0.1
 
 
 # ---------------------------------------------------------------------------------------- threads
@@ -406,7 +406,8 @@ class RefreshEngine:
         """Warn once when background refreshes keep training waiting (see :data:`LATE_SHARE`)."""
         self._late_waits += 1
         elapsed = time.perf_counter() - (self._first_submit or 0.0)
-        if self._warned_late or self._late_waits < LATE_WAITS or self._wait_s < LATE_SHARE * elapsed:
+        floor = max(LATE_SECONDS, LATE_SHARE * elapsed)
+        if self._warned_late or self._late_waits < LATE_WAITS or self._wait_s < floor:
             return
         self._warned_late = True
         warnings.warn(
