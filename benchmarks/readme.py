@@ -114,8 +114,8 @@ def _refresh_hiding(figure: Figure) -> Summary:
              f"{data['plan']['frequency']} steps, on {data['device']}; medians over {data['plan']['rounds']} "
              "rounds. The control refreshes at step 1 only: its p99/median is the machine's own noise."]
     if data["device"] == "cpu":
-        notes.append("The paper's setting, training on a GPU and the roots on the host CPU (`--device cuda`), "
-                     "is measured in the section \"On a GPU\" below.")
+        notes.append("The paper's setting, training on a GPU and the roots on the host CPU "
+                     "(`--device cuda`), is measured in the section \"On a GPU\" below.")
     columns = ["configuration", "median ms", "mean ms", "p99 ms", "p99/median", "p99/median per round",
                "refresh step / median", "blocked on roots s", "goal"]
     return columns, rows, notes

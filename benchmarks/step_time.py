@@ -42,6 +42,12 @@ NAME = "step_time"
 FREQUENCIES = (10, 100)
 # The peers run at one frequency only (time): our default, that of issue 2's goal and the README.
 PEER_FREQUENCY = 100
+# What storage and the preconditioner cost per step (sync, at PEER_FREQUENCY): label suffix → options.
+VARIANTS = {
+    "bf16": {"factor_dtype": torch.bfloat16},
+    "EC": {"preconditioner": "eigenvalue_corrected"},
+    "EC bf16": {"preconditioner": "eigenvalue_corrected", "factor_dtype": torch.bfloat16},
+}
 # Issue 2's target: on the MLP, Shampoo's step at frequency 100 within this multiple of AdamW's.
 MLP_STEP_GOAL = 11.0
 # Issue 6's goal: measured iteration ratio within this factor of the flop-model bound.
@@ -116,10 +122,13 @@ class Run:
 
 
 def configurations() -> list[OptimizerSpec]:
-    """AdamW, Shampoo at each frequency and refresh mode, and the peers at matched settings."""
+    """AdamW, Shampoo at each frequency and refresh mode, the :data:`VARIANTS` at the peers' frequency, and
+    the peers at matched settings."""
     specs = [optimizers.adamw()]
     for frequency in FREQUENCIES:
         specs += [optimizers.shampoo(frequency, refresh=mode) for mode in optimizers.refresh_modes()]
+    specs += [optimizers.shampoo(PEER_FREQUENCY, label=f"Shampoo f{PEER_FREQUENCY} {name}", **options)
+              for name, options in VARIANTS.items()]
     return specs + optimizers.peers(PEER_FREQUENCY)
 
 
