@@ -75,17 +75,15 @@ def shampoo(
     kwargs = {"lr": lr, "precondition_frequency": precondition_frequency, **options}
     if refresh != "sync":
         kwargs["refresh"] = refresh
+    # A parameter's first roots install at the refresh that computes them, whatever the lag.
     start = kwargs.get("start_preconditioning_step", _shampoo_default("start_preconditioning_step"))
-    lag = kwargs.get("refresh_lag")
-    if lag is None:  # Shampoo's default: installed at once when sync, one refresh period later otherwise
-        lag = 0 if refresh == "sync" else precondition_frequency
     suffix = "" if refresh == "sync" else f" {refresh}"
     return OptimizerSpec(
         label or f"Shampoo f{precondition_frequency}{suffix}",
         lambda params: Shampoo(params, **kwargs),
         kind="shampoo",
         options=kwargs,
-        steady_after=start + lag,
+        steady_after=start,
         refresh_period=precondition_frequency,
     )
 

@@ -56,8 +56,8 @@ class Plan:
 
     @property
     def warmup(self) -> int:
-        """Steps 1…frequency: lazy state, and async's steps before its first roots are installed (at step
-        1 + frequency, the default lag), which precondition nothing and would pass for fast steps."""
+        """Steps 1…frequency: lazy state, the first refresh (installed at once in every mode) and, for
+        async, the steps before its first lagged install at step 1 + frequency (the default lag)."""
         return self.frequency
 
     @property

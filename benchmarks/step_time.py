@@ -2,7 +2,7 @@
 
 Every configuration gets its own copy of the model (same seed, same batches) and all of them stay
 alive for the whole measurement. After a warm-up (lazy state, and for a refreshing configuration up to
-the step before its first roots are installed, which an asynchronous refresh delays by its lag), the
+the step before its first roots are installed, at its start step in every refresh mode), the
 configurations take turns: each round runs a stretch of timed iterations of one configuration, then the
 next, so drift of the machine hits all of them alike. A round ends by waiting for background refresh
 work still running (``Shampoo.drain``), counted in its last step: the work is charged to the

@@ -94,6 +94,7 @@ class Shampoo(Optimizer):
             ``refresh_lag`` steps after the snapshot: bitwise ``"sync"`` with the same lag) or
             ``"best_effort"`` (installed when ready, at most ``refresh_lag`` steps late). See :mod:`.refresh`.
         refresh_lag: snapshot → install, in steps; default 0 for ``"sync"``, else ``precondition_frequency``.
+            A parameter's first results install at once, whatever the lag.
         refresh_policy: a :class:`RefreshPolicy` or a function ``step -> bool``; default: every
             ``precondition_frequency`` steps from ``start_preconditioning_step``.
         refresh_threads: intra-op CPU threads of the refresh, in every mode; default: torch's count.
@@ -307,16 +308,17 @@ class Shampoo(Optimizer):
         return ok
 
     def _submit(self, step: int, entries: list[_Entry]) -> None:
-        snapshots = [
-            snapshot
-            for e in entries
-            for snapshot in self._preconditioner.snapshot(
-                e.index, self.state[e.param], e.plan, e.group, self._engine.capture
-            )
-        ]
-        if snapshots:
-            self._progress.counters["refreshes"] += 1
-            self._engine.submit(step, snapshots)
+        # A parameter's first results install at once: until then it trains on the graft alone at a rate
+        # meant for the preconditioner (a first install 10 steps late cost the 8k char-LM its target).
+        by_lag: dict[int | None, list[Any]] = {0: [], None: []}  # None: the engine's lag
+        for e in entries:
+            state = self.state[e.param]
+            snapshots = self._preconditioner.snapshot(e.index, state, e.plan, e.group, self._engine.capture)
+            by_lag[None if state["preconditioned"] else 0].extend(snapshots)
+        self._progress.counters["refreshes"] += any(by_lag.values())
+        for lag, snapshots in by_lag.items():
+            if snapshots:
+                self._engine.submit(step, snapshots, lag)
 
     def _install(self, installs: list[Any]) -> None:
         """Install accepted results; a rejected one keeps the previous matrix. A parameter switches to its

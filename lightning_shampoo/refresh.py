@@ -14,6 +14,10 @@ at a later step boundary. The modes differ only in *where* the work runs and *wh
   they are ready, and at the latest at ``t + lag`` (``lag`` is the staleness bound; the step waits then).
   The install step depends on timing, so the trajectory is not reproducible.
 
+The optimizer submits a parameter's first refresh with lag 0 in every mode (it has nothing to install
+before it, and training on the graft alone at the preconditioner's learning rate is what a lag would
+cost; see ``Shampoo._submit``), so its tickets may pass a waiting one.
+
 A computation that raises is never installed, in any mode: the next ``step()`` re-raises it before it
 changes anything, so every step happens whole or not at all.
 """
@@ -257,9 +261,10 @@ class RefreshEngine:
         self._copy_devices.add(factor.device)
         return host
 
-    def submit(self, step: int, snapshots: list[FactorSnapshot]) -> None:
-        """Start computing the results of the snapshots taken at ``step``."""
-        ticket = _Ticket(step, step + self.lag, snapshots)
+    def submit(self, step: int, snapshots: list[FactorSnapshot], lag: int | None = None) -> None:
+        """Start computing the results of the snapshots taken at ``step``, to install ``lag`` steps later
+        (default: the engine's)."""
+        ticket = _Ticket(step, step + (self.lag if lag is None else lag), snapshots)
         if self._first_submit is None:
             self._first_submit = ticket.submitted
         ticket.copies = [torch.cuda.current_stream(device).record_event() for device in self._copy_devices]
@@ -277,16 +282,16 @@ class RefreshEngine:
         A refresh whose computation failed is not installed; :meth:`raise_if_failed` reports it.
         """
         ready: list[tuple[FactorSnapshot, Result]] = []
-        while self._pending:
-            ticket = self._pending[0]
+        # In submission order; a ticket with a shorter lag (a parameter's first) may pass a waiting one.
+        for ticket in list(self._pending):
             must = step >= ticket.install_step
             if not must and not (self.mode == "best_effort" and step > ticket.step and ticket.done.is_set()):
-                break
+                continue
             if not ticket.done.is_set():
                 self._wait(ticket)
             if ticket.error is not None:
                 break
-            self._pending.popleft()
+            self._pending.remove(ticket)
             assert ticket.results is not None
             self._installs += 1
             self._latency_last = ticket.finished - ticket.submitted

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:Us
 # Both preconditioners, and the root inverse with the pseudo-inverse (its early factors are rank-deficient).
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected", "pseudo_inverse")
 # The eigenvalue-corrected run waits for full-rank factors (see test_reference_equivalence.py); roots
-# install one step late, so a checkpoint after step 5 holds a refresh in flight.
+# install one step late (a parameter's first at once), so a checkpoint after step 8 holds a refresh in flight.
 OPTIONS = {
     "root_inverse": dict(lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3),
     "pseudo_inverse": dict(
@@ -38,7 +38,7 @@ OPTIONS = {
     ),
 }  # fmt: skip
 COMMON = dict(refresh_lag=1)
-STEPS, SAVED_AT, ADDED_AT = 10, 5, 4
+STEPS, SAVED_AT, ADDED_AT = 12, 8, 4
 
 
 def _options(kind: str) -> dict[str, Any]:

@@ -26,7 +26,8 @@ from lightning_shampoo.partition import SPLIT_MIN_FLOPS
 from lightning_shampoo.statedict import unpack
 
 PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
-# Roots install one step late, so the checkpoint after step 5 holds a refresh in flight.
+# Roots install one step late (a parameter's first at once), so the checkpoint after step 8 holds a refresh
+# in flight.
 OPTIONS = {
     "root_inverse": dict(lr=1e-2, block_size=32, start_preconditioning_step=2, precondition_frequency=3),
     "eigenvalue_corrected": dict(
@@ -35,7 +36,7 @@ OPTIONS = {
     ),
 }  # fmt: skip
 COMMON = dict(refresh_lag=1)
-STEPS, SAVED_AT = 10, 5
+STEPS, SAVED_AT = 12, 8
 DOMINANT = 2  # the 192×128 weight: 24 blocks of 32×32, over half of the optimizer's work
 
 

@@ -139,8 +139,9 @@ def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(mo
     def gated(snapshots, settings):
         seen.append(torch.get_num_threads())
         niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
-        started.set()
-        release.wait()
+        if len(seen) > 1:  # the first refresh installs at once (its step waits): hold the second
+            started.set()
+            release.wait()
         return real(snapshots, settings)
 
     monkeypatch.setattr(refresh, "compute_refresh", gated)
@@ -148,13 +149,13 @@ def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(mo
     training_niceness = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
     model = _model()
     with Shampoo(model.parameters(), **FAST, refresh="async", refresh_lag=3, refresh_threads=3) as opt:
-        _train(model, opt, _batches(2))
+        _train(model, opt, _batches(5))  # refreshes at steps 2 (installed at once) and 5 (at 8)
         assert started.wait(10)
-        assert seen == [3]
+        assert seen == [3, 3]
         # While the worker computes with 3 threads, the training thread keeps its own count; the worker
         # runs niced below it (Linux) and the training thread keeps its priority.
         assert torch.get_num_threads() == training_threads
-        assert niceness == [min(19, training_niceness + refresh.WORKER_NICENESS)]
+        assert niceness == [min(19, training_niceness + refresh.WORKER_NICENESS)] * 2
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training_niceness
         _train(model, opt, _batches(1))
         release.set()
@@ -359,12 +360,13 @@ def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
     model = _model()
     bound = 3
     with Shampoo(model.parameters(), **FAST, refresh="best_effort", refresh_lag=bound) as opt:
-        # Roots slower than `bound` steps: each is installed exactly at the bound, after a wait.
+        # Roots slower than `bound` steps: each is installed exactly at the bound, after a wait (the first,
+        # at step 2, at once).
         delay["seconds"] = 0.3
         staleness = []
-        _train(model, opt, _batches(9), after_step=lambda o: staleness.append(o.metrics()["staleness"]))
+        _train(model, opt, _batches(12), after_step=lambda o: staleness.append(o.metrics()["staleness"]))
         metrics = opt.metrics()
-        assert metrics["installs"] == 2 and set(staleness[-5:]) == {bound}
+        assert metrics["installs"] == 3 and staleness[1] == 0 and set(staleness[-5:]) == {bound}
         assert metrics["wait_s"] > 0.3
         # Roots faster than a step: installed at the first step boundary after the snapshot, no waiting.
         delay["seconds"] = 0.0
@@ -372,7 +374,7 @@ def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
         waited = opt.metrics()["wait_s"]
         _train(model, opt, _batches(9), after_step=lambda o: time.sleep(0.2))
         metrics = opt.metrics()
-        assert metrics["installs"] == 6 and metrics["staleness"] == 1
+        assert metrics["installs"] == 7 and metrics["staleness"] == 1
         assert metrics["wait_s"] == waited
 
 
@@ -413,13 +415,33 @@ def test_metrics_are_plain_floats_with_the_documented_keys():
     }  # fmt: skip
     assert set(metrics) == expected
     assert all(type(value) is float for value in metrics.values())
-    # Refreshes at 2, 5, 8, 11; installed at 4, 7, 10; 11's is in flight.
+    # Refreshes at 2, 5, 8, 11; installed at 2 (a parameter's first: at once), 7, 10; 11's is in flight.
     assert metrics["refreshes"] == 4 and metrics["installs"] == 3 and metrics["in_flight"] == 1
-    assert metrics["staleness"] == metrics["staleness_mean"] == 2
+    assert metrics["staleness"] == 2 and metrics["staleness_mean"] == (0 + 2 + 2) / 3
     assert 0 < metrics["refresh_latency_s"] < 10 and 0 < metrics["refresh_latency_mean_s"] < 10
     assert 0 <= metrics["wait_s"] < 10
     assert metrics["roots_accepted"] > 0 and metrics["roots_rejected"] == metrics["rejected_refreshes"] == 0
     assert 0 < metrics["max_root_residual"] < 1e-6
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_a_parameters_first_refresh_installs_at_once_and_later_ones_after_the_lag(mode):
+    """Until its first results a parameter trains on the graft alone: they are installed at the refresh
+    that computes them, also for a group added later, while the others' keep their lag."""
+    model = _model()
+    first, added = list(model[:2].parameters()), list(model[2:].parameters())
+    installs = []
+    with Shampoo(first, **FAST, refresh=mode, refresh_lag=5) as opt:
+        for step, batch in enumerate(_batches(12), start=1):
+            if step == 7:
+                opt.add_param_group({"params": added})
+            _train(model, opt, [batch])
+            installs.append(opt.metrics()["installs"])
+        state = [opt.state[p]["preconditioned"] for p in added]
+    # Refreshes at 2, 5, 8, 11: the first group's first at once (step 2), its next at 10 (5 + lag); the
+    # added group's first at once (step 8).
+    assert installs == [0, 1, 1, 1, 1, 1, 1, 2, 2, 3, 3, 3]
+    assert state == [True] * len(added)
 
 
 def test_async_lag_defaults_to_the_refresh_period():
