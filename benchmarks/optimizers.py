@@ -36,7 +36,7 @@ class OptimizerSpec:
     unavailable: str = ""
     kind: str = "other"
     options: dict[str, Any] = field(default_factory=dict)
-    steady_after: int = 0  # step installing the first roots: the optimizer runs as it will from then on
+    steady_after: int = 0  # first step from which the optimizer runs as it will (a refresh step)
     refresh_period: int = 0  # steps between preconditioner refreshes (0: none)
 
 
@@ -75,7 +75,7 @@ def shampoo(
     kwargs = {"lr": lr, "precondition_frequency": precondition_frequency, **options}
     if refresh != "sync":
         kwargs["refresh"] = refresh
-    # A parameter's first roots install at the refresh that computes them, whatever the lag.
+    # The first refresh installs at once in every mode (an async step waits for it): steady from the second.
     start = kwargs.get("start_preconditioning_step", _shampoo_default("start_preconditioning_step"))
     suffix = "" if refresh == "sync" else f" {refresh}"
     return OptimizerSpec(
@@ -83,7 +83,7 @@ def shampoo(
         lambda params: Shampoo(params, **kwargs),
         kind="shampoo",
         options=kwargs,
-        steady_after=start,
+        steady_after=start + precondition_frequency,
         refresh_period=precondition_frequency,
     )
 

@@ -2,7 +2,7 @@
 
 Every configuration gets its own copy of the model (same seed, same batches) and all of them stay
 alive for the whole measurement. After a warm-up (lazy state, and for a refreshing configuration up to
-the step before its first roots are installed, at its start step in every refresh mode), the
+the step before its second refresh: the first installs at once in every mode, an async step waiting), the
 configurations take turns: each round runs a stretch of timed iterations of one configuration, then the
 next, so drift of the machine hits all of them alike. A round ends by waiting for background refresh
 work still running (``Shampoo.drain``), counted in its last step: the work is charged to the
@@ -15,7 +15,7 @@ the median over every timed step (a step without a refresh). A configuration ref
 steps runs 100/``rounds`` steps a round (rounded up), and its rounds together make one window.
 
 Full plans: MLP 4 rounds of 20 steps, the LM 3 rounds of 20 (the f100 configurations: 100 timed steps
-each), after 10 warm-up steps (to the first roots for the refreshing ones): three to four and a half
+each), after 10 warm-up steps (to the second refresh for the refreshing ones): three to four and a half
 minutes on two CPU cores with the peers, depending on the load. A configuration's per-round medians
 agree to about 10% (see the progress lines; load drift moves all configurations of a round alike), so
 60–100 timed steps settle its median. The earlier plan (2–3 rounds of 100 steps, and a d_model-256
@@ -352,7 +352,7 @@ def run(settings: Settings) -> FigureResult:
     for make in WORKLOADS:
         workload = make(settings.quick, settings.device)
         plan = plans[workload.name]
-        progress(NAME, f"{workload.description}: ≥{plan.warmup} warm-up (to the first installed roots) + "
+        progress(NAME, f"{workload.description}: ≥{plan.warmup} warm-up (to the second refresh) + "
                        f"{plan.rounds} rounds of {plan.round_steps} timed steps (f100: whole period)")
         runs = measure(workload, configurations(), plan, settings)
         records = _report(workload, runs, plan, timing, bound, plot_rows)
