@@ -282,10 +282,14 @@ class RefreshEngine:
         A refresh whose computation failed is not installed; :meth:`raise_if_failed` reports it.
         """
         ready: list[tuple[FactorSnapshot, Result]] = []
-        # In submission order; a ticket with a shorter lag (a parameter's first) may pass a waiting one.
+        # In submission order. A due ticket with a shorter lag (a parameter's first) may pass one that is not
+        # due; a best-effort install ahead of time never passes one, so a factor's results keep their order.
+        passed = False
         for ticket in list(self._pending):
             must = step >= ticket.install_step
-            if not must and not (self.mode == "best_effort" and step > ticket.step and ticket.done.is_set()):
+            early = self.mode == "best_effort" and step > ticket.step and ticket.done.is_set() and not passed
+            if not must and not early:
+                passed = True
                 continue
             if not ticket.done.is_set():
                 self._wait(ticket)
