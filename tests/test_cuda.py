@@ -15,13 +15,14 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
+from test_callback import _fit
 from test_reference_equivalence import CASES, CORRECTED, CORRECTED_CASES, EXACT_BASES, _run_pair
 from torch import nn
 from typing_extensions import override
 
 from lightning_shampoo import OnRequest, Shampoo
 from lightning_shampoo.callbacks import ShampooCallback
-from lightning_shampoo.recipes import Digits, DigitsMLP
+from lightning_shampoo.recipes import DigitsMLP
 from lightning_shampoo.refresh import RefreshEngine
 from lightning_shampoo.requests import FactorSnapshot, RefreshSettings, RootRequest, compute_refresh
 
@@ -180,20 +181,8 @@ def test_lightning_trainer_on_gpu_with_bf16_autocast_and_host_refresh() -> None:
     factory = partial(Shampoo, lr=3e-3, refresh="async", refresh_lag=2, refresh_policy=OnRequest())
     model = DigitsMLP(hidden=64, depth=2, optimizer=factory)
     devices = _DeviceLog()
-    trainer = pl.Trainer(
-        accelerator="gpu",
-        devices=1,
-        precision="bf16-mixed",
-        max_steps=40,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        callbacks=[ShampooCallback(every_n_steps=5), devices],
-    )
-    trainer.fit(model, Digits(batch_size=64))
+    callbacks = [ShampooCallback(every_n_steps=5), devices]
+    trainer = _fit(model, callbacks, accelerator="gpu", precision="bf16-mixed", max_steps=40)
     metrics = trainer.optimizers[0].metrics()
     assert metrics["step"] == 40 and metrics["installs"] >= 6 and metrics["roots_rejected"] == 0
     assert devices.devices == {CUDA.type}  # Lightning moves everything back to the CPU at teardown
