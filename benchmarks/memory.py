@@ -4,8 +4,9 @@ the recipes' models and the README's examples.
 State is counted after one step (all state is created lazily by then), storage by storage, so views
 and shared tensors are counted once. For a 2-D ``m×n`` block Shampoo keeps the first moment and the
 graft's second moment (``8·m·n`` bytes, like AdamW) plus a factor and a root per dim (``8·(m² + n²)``
-bytes in fp32, half in bfloat16); a dim whose factor would be far larger than its block has none
-(``max_factor_ratio``).
+bytes in fp32; compact storage, ``factor_dtype=torch.bfloat16``, keeps their upper triangles, the
+factors in fp32 and the roots in bf16: ``3·(m² + n²)`` and a little); a dim whose factor would be far
+larger than its block has none (``max_factor_ratio``).
 """
 
 from __future__ import annotations
@@ -84,14 +85,18 @@ def models(quick: bool, device: torch.device) -> list[Model]:
 
 
 def configurations() -> list[optimizers.OptimizerSpec]:
-    """AdamW, Shampoo at its defaults, with bfloat16 storage, with every dim a factor (the earlier
-    default) and eigenvalue corrected."""
+    """AdamW, Shampoo at its defaults, with compact (bfloat16) storage, with every dim a factor (the earlier
+    default) and eigenvalue corrected, in fp32 and bf16 storage."""
     return [
         optimizers.adamw(),
         optimizers.shampoo(10),
-        optimizers.shampoo(10, factor_dtype=torch.bfloat16, label="Shampoo bf16 factors"),
+        optimizers.shampoo(10, factor_dtype=torch.bfloat16, label="Shampoo compact (bf16)"),
         optimizers.shampoo(10, max_factor_ratio=None, label="Shampoo, every dim a factor"),
         optimizers.shampoo(10, preconditioner="eigenvalue_corrected", graft="none", label="Shampoo EC"),
+        optimizers.shampoo(
+            10, preconditioner="eigenvalue_corrected", graft="none", factor_dtype=torch.bfloat16,
+            label="Shampoo EC bf16",
+        ),
     ]
 
 

@@ -5,10 +5,11 @@ and flattens the rest, ``(n, d_i, ∏_{j≠i} d_j)``; the mode-i product ``X ×�
 mode-i unfolding is ``P X₍ᵢ₎``. For a 2-D block these are the familiar ``L = G Gᵀ``, ``R = Gᵀ G`` and
 ``P_L X P_R``. Dims whose factor is ``None`` are left alone (identity).
 
-Factors may be stored in bfloat16 (``Shampoo(factor_dtype=torch.bfloat16)``): the statistics are then
-accumulated in float32 and written back with stochastic rounding, which keeps the EMA unbiased (rounding
-to nearest would freeze it: with β2 = 0.999 an update is smaller than half a bfloat16 ulp). Mode products
-run in the dtype of the matrices they multiply by (bfloat16 ones on bfloat16 tensor cores / AMX units).
+Factors and roots may be stored as float32 or bfloat16 upper triangles (:mod:`.triangles`), and factors in
+bfloat16: the statistics are then accumulated in float32 and written back with stochastic rounding, which
+keeps the EMA unbiased (rounding to nearest would freeze it: with β2 = 0.999 an update is smaller than half
+a bfloat16 ulp). Mode products run in the dtype of the matrices they multiply by (bfloat16 ones on
+bfloat16 tensor cores / AMX units).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+from . import triangles
 
 
 def mode_unfold(stack: Tensor, dim: int) -> Tensor:
@@ -37,7 +40,8 @@ def update_statistics(
     """In place, for every dim i with a factor: ``S_i ← β2·S_i + (1−β2)·G₍ᵢ₎G₍ᵢ₎ᵀ``.
 
     ``beta2 == 1`` is the plain running sum ``S_i ← S_i + G₍ᵢ₎G₍ᵢ₎ᵀ`` (AdaGrad-style). A float32 factor
-    takes one fused ``baddbmm_`` (no temporaries); a bfloat16 one is updated in float32 and rounded back
+    takes one fused ``baddbmm_`` (no temporaries), a packed one (:mod:`.triangles`) the triangle of the
+    Gram matrix; a bfloat16 one is updated in float32 and rounded back
     stochastically with ``generator``'s bits (deterministic for a seeded generator).
     """
     alpha = 1.0 if beta2 == 1.0 else 1.0 - beta2
@@ -45,7 +49,13 @@ def update_statistics(
         if factor is None:
             continue
         unfolded = mode_unfold(grad_stack, dim)
-        if factor.dtype == unfolded.dtype:
+        if triangles.is_packed(factor):
+            gram = triangles.pack(torch.bmm(unfolded, unfolded.mT))
+            if beta2 == 1.0:
+                factor.add_(gram)
+            else:
+                factor.lerp_(gram, alpha)
+        elif factor.dtype == unfolded.dtype:
             factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=alpha)
         else:
             updated = torch.baddbmm(factor.to(unfolded.dtype), unfolded, unfolded.mT, beta=beta2, alpha=alpha)
@@ -79,7 +89,7 @@ def round_stochastically(
 
 def precondition(stack: Tensor, roots: Sequence[Tensor | None], dtype: torch.dtype | None = None) -> Tensor:
     """``X ×₁ P₁ ⋯ ×ₖ Pₖ`` for every block, one ``bmm`` per factor, computed in ``dtype`` (default: the
-    matrices' own) and returned in the stack's.
+    matrices' own) and returned in the stack's. Symmetric ``Pᵢ`` may come packed (:mod:`.triangles`).
 
     The last mode multiplies from the right, ``X Pₖᵀ`` on the trailing dim, the others from the left,
     ``Pᵢ X₍ᵢ₎`` with dim i moved to the front: for the 2-D blocks of matrices that is ``P₁ X P₂ᵀ`` with
@@ -91,7 +101,7 @@ def precondition(stack: Tensor, roots: Sequence[Tensor | None], dtype: torch.dty
     for dim, root in enumerate(roots):
         if root is None:
             continue
-        root = root.to(dtype)
+        root = triangles.full(root).to(dtype)
         if dim == last:
             shape = out.shape
             out = torch.bmm(out.reshape(n, -1, shape[-1]), root.mT).reshape(shape)

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import triangles
 from .options import STRUCTURAL_OPTIONS
 from .statedict import (
     NONNEGATIVE_KEYS,
@@ -149,6 +150,7 @@ def value_problem(key: str, value: Tensor) -> str:
     if not bool(data.isfinite().all()):
         return "holds non-finite values"
     if key.startswith(SYMMETRIC_PREFIXES) and data.numel():
+        data = triangles.full(data)  # a packed stack is symmetric by construction; its diagonal still counts
         scale = data.abs().amax().clamp_min(torch.finfo(torch.float64).tiny)
         if float((data - data.mT).abs().amax() / scale) > SYMMETRY_TOLERANCE:
             return "is not symmetric"

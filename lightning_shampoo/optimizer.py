@@ -86,8 +86,7 @@ class Shampoo(Optimizer):
             the CPU (about 2× cheaper there), float64 on CUDA (faster there).
         basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
             this is kept, else recomputed (0: recomputed every refresh).
-        factor_dtype: storage of the factors, roots and bases: float32, or bfloat16 (half the memory; the
-            statistics accumulate in float32 and round back stochastically, the products run in bfloat16).
+        factor_dtype: float32, or bfloat16: about half the memory (:class:`.preconditioners.Preconditioner`).
         matmul_dtype: dtype of the per-step products with roots or bases (None: their storage dtype);
             bfloat16 runs them on bfloat16 units (AMX, tensor cores) at about 0.4% error in the direction.
         refresh: ``"sync"`` (inside ``step()``), ``"async"`` (a background CPU thread; installed exactly
@@ -260,7 +259,8 @@ class Shampoo(Optimizer):
         if step % self.options.statistics_frequency == 0:
             for entry in updating:
                 plan, state = entry.plan, self.state[entry.param]
-                rounding = rounding_generator(self.options.factor_dtype, step, entry.index, entry.grad.device)
+                factor_dtype = self._preconditioner.state_dtype("factor_")
+                rounding = rounding_generator(factor_dtype, step, entry.index, entry.grad.device)
                 for g, stack in enumerate(plan.split(grads[entry.index]) if plan.preconditioned else []):
                     factors = group_tensors(state, "factor", g, plan)
                     update_statistics(factors, stack, entry.group["betas"][1], rounding)

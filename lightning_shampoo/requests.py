@@ -1,6 +1,7 @@
 """What a refresh computes: the snapshot of a factor, the request made of it, and the batched computation.
 
-A :class:`FactorSnapshot` is a copy of one factor stack ``(n, d, d)`` with a request: an inverse root
+A :class:`FactorSnapshot` is a copy of one factor stack ``(n, d, d)`` (or its triangles, :mod:`.triangles`:
+then the roots come back as triangles too) with a request: an inverse root
 (:class:`RootRequest`, :mod:`.roots`) or an eigenbasis (:class:`BasisRequest`, :mod:`.eigen`).
 :func:`compute_refresh` stacks the snapshots of one size and request into one batched call. Snapshots and
 results convert to plain dicts of tensors and values, so a checkpoint holding refreshes in flight loads
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import triangles
 from .eigen import BasisResult, default_eigh_dtype, eigenbasis
 from .roots import RootResult, inverse_pth_root
 
@@ -46,7 +48,8 @@ _RESULTS: dict[str, type] = {"root": RootResult, "basis": BasisResult}
 
 @dataclass(frozen=True)
 class FactorSnapshot:
-    """A copy of one factor stack ``(n, d, d)`` to refresh, what to compute from it, and where it goes.
+    """A copy of one factor stack ``(n, d, d)`` (or packed) to refresh, what to compute from it, and where it
+    goes.
 
     ``previous``: a copy of the installed eigenbases of the stack, to warm-start from (basis requests).
     ``matrices`` is ``None`` only in a refresh restored from a checkpoint that holds its results (a
@@ -75,13 +78,15 @@ class RefreshSettings:
 
 def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) -> list[Result]:
     """The result of every snapshot; snapshots of one size and request are stacked into one batched call."""
-    buckets: dict[tuple[int, Request, bool], list[int]] = {}
+    buckets: dict[tuple[tuple[int, ...], Request, bool], list[int]] = {}
     for index, snap in enumerate(snapshots):
-        key = (snap.matrices.shape[-1], snap.request, snap.previous is not None)
+        key = (tuple(snap.matrices.shape[1:]), snap.request, snap.previous is not None)
         buckets.setdefault(key, []).append(index)
     results: list[Result | None] = [None] * len(snapshots)
     for (_, request, warm), members in buckets.items():
         stacked = torch.cat([snapshots[i].matrices for i in members])
+        packed = triangles.is_packed(stacked)  # then so are the roots computed from it
+        stacked = triangles.full(stacked)
         eigh_dtype = settings.eigh_dtype or default_eigh_dtype(stacked.device)
         if isinstance(request, RootRequest):
             batch: Result = inverse_pth_root(
@@ -94,6 +99,8 @@ def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) 
                 pseudo_inverse=request.pseudo_inverse,
                 eigh_dtype=eigh_dtype,
             )
+            if packed:
+                batch = dataclasses.replace(batch, root=triangles.pack(batch.root))
         else:
             previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
             # Keep a basis within tolerance, else decompose anew: on CPU a QR power step costs about as much

@@ -288,12 +288,29 @@ def test_param_groups_are_batched_apart_and_keep_their_own_hyperparameters():
     assert joint.state[together[1][1]]["step"] == 6 and joint.state[together[1][0]]["step"] == 7
 
 
-def test_bfloat16_roots_are_warned_about_and_bfloat16_bases_are_not():
-    params = nn.Linear(4, 3).parameters
-    with pytest.warns(UserWarning, match="eigenvalue_corrected") as caught:
-        Shampoo(params(), factor_dtype=torch.bfloat16)
+def test_compact_storage_keeps_float32_factor_triangles_and_bfloat16_roots():
+    """factor_dtype=bfloat16: roots as bfloat16 triangles beside float32 factor triangles (bfloat16 factors
+    would drown their small eigenvalues); bases are not symmetric, so they and their factors stay full. The
+    roots are warned about below the ridge they need; bases never."""
+    layer = nn.Linear(6, 4)
+    with pytest.warns(UserWarning, match="epsilon=1e-4") as caught:
+        Shampoo(layer.parameters(), factor_dtype=torch.bfloat16)  # the default ridge, 1e-6
     assert caught[0].filename == __file__  # the user's line, not the package's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        Shampoo(params(), factor_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected")
-        Shampoo(params())
+        compact = Shampoo(
+            layer.parameters(), factor_dtype=torch.bfloat16, epsilon=1e-4, start_preconditioning_step=1
+        )
+        corrected = Shampoo(
+            layer.parameters(), factor_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected"
+        )
+    layer(torch.randn(8, 6)).square().sum().backward()
+    compact.step()
+    corrected.step()
+    state = compact.state[layer.weight]
+    assert (state["factor_0_0"].shape, state["factor_0_0"].dtype) == ((1, 10), torch.float32)
+    assert (state["root_0_0"].shape, state["root_0_0"].dtype) == ((1, 10), torch.bfloat16)
+    assert compact.metrics()["roots_accepted"] == 3  # weight (two) and bias, from the packed factors
+    state = corrected.state[layer.weight]
+    assert state["factor_0_0"].shape == state["basis_0_0"].shape == (1, 4, 4)
+    assert state["factor_0_0"].dtype == state["basis_0_0"].dtype == torch.bfloat16
