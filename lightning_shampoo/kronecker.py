@@ -101,7 +101,7 @@ def precondition(stack: Tensor, roots: Sequence[Tensor | None], dtype: torch.dty
     for dim, root in enumerate(roots):
         if root is None:
             continue
-        root = triangles.full(root).to(dtype)
+        root = triangles.full(root.to(dtype))
         if dim == last:
             shape = out.shape
             out = torch.bmm(out.reshape(n, -1, shape[-1]), root.mT).reshape(shape)

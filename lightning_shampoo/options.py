@@ -52,21 +52,19 @@ def parse_arguments(arguments: dict[str, Any]) -> tuple[dict[str, Any], StepOpti
     validate_group(defaults)
     step = StepOptions(**{name: arguments[name] for name in step_fields})
     refresh = RefreshOptions.from_arguments(*(arguments[name] for name in REFRESH_ARGUMENTS))
-    bfloat16_roots = step.preconditioner == "root_inverse" and step.factor_dtype == torch.bfloat16
-    if bfloat16_roots and defaults["relative_epsilon"] and defaults["epsilon"] < BFLOAT16_ROOTS_EPSILON:
-        warnings.warn(BFLOAT16_ROOTS, UserWarning, stacklevel=3)  # at the user's Shampoo(...) line
+    if step.preconditioner == "root_inverse" and step.matmul_dtype == torch.bfloat16:
+        warnings.warn(BFLOAT16_ROOT_PRODUCTS, UserWarning, stacklevel=3)  # at the user's Shampoo(...) line
     return defaults, step, refresh
 
 
-# A bfloat16 root loses about 2⁻⁹·κ^(1/4) of the direction along its factor's top eigenvectors (κ: the
-# factor's condition, at most 1/epsilon with a relative ridge). Measured in tests/test_convergence.py.
-BFLOAT16_ROOTS_EPSILON = 1e-4
-BFLOAT16_ROOTS = (
-    "Shampoo(factor_dtype=torch.bfloat16) keeps the inverse roots in bfloat16 (the factors stay float32): "
-    "a root's 8-bit mantissa loses about 2^-9 * cond^(1/4) of the direction, and a rank-deficient factor "
-    "with a ridge below 1e-4 has cond up to 1/epsilon. On a 64-128-10 MLP that meant 2.8-4.5x the final "
-    "loss of float32 roots at epsilon=1e-6, and within 8% at epsilon=1e-4. Pass epsilon=1e-4 (or larger), "
-    "or keep factor_dtype=torch.float32."
+# R·M with a root R cancels terms up to R's eigenvalue spread larger than the result; bfloat16 products
+# lose it (bfloat16 storage of R, multiplied in float32, does not). Measured in tests/test_convergence.py.
+BFLOAT16_ROOT_PRODUCTS = (
+    "Shampoo(matmul_dtype=torch.bfloat16) multiplies by the inverse roots in bfloat16, which loses the "
+    "directions a root scales down most (its products cancel terms up to its eigenvalue spread larger than "
+    "the result): on a 64-128-10 MLP the final loss was 2.8-4.5x that of float32 products. Leave "
+    "matmul_dtype=None (float32 products; factor_dtype=torch.bfloat16 still halves the memory), or use "
+    "preconditioner='eigenvalue_corrected', whose bfloat16 products cost nothing there."
 )
 
 

@@ -102,7 +102,8 @@ class Preconditioner:
     kept in it; where they are symmetric (roots) both they and the factors are kept as upper triangles
     (:mod:`.triangles`), the factors in float32: the same bytes as full bfloat16 factors, without the
     rounding noise that drowns their small eigenvalues (on the benchmark tasks it cost 1.5–4.5× the steps;
-    bfloat16 roots alone cost nothing measurable). Bases are not symmetric: their factors are bfloat16.
+    bfloat16 roots multiplied in float32 cost nothing measurable). Bases are not symmetric: their factors
+    are bfloat16.
     """
 
     kind = ""
@@ -113,7 +114,9 @@ class Preconditioner:
         self, factor_dtype: torch.dtype = torch.float32, matmul_dtype: torch.dtype | None = None
     ) -> None:
         self.factor_dtype = factor_dtype
-        self.matmul_dtype = matmul_dtype  # of the per-step products with roots or bases (None: theirs)
+        # Of the per-step products with roots or bases. float32 unless asked: a root's product cancels terms
+        # up to its eigenvalue spread larger than the result, which bfloat16 products do not survive.
+        self.matmul_dtype = matmul_dtype or torch.float32
         self.packed = self.symmetric and factor_dtype != torch.float32
 
     def state_dtype(self, key: str) -> torch.dtype:

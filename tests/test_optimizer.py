@@ -290,17 +290,11 @@ def test_param_groups_are_batched_apart_and_keep_their_own_hyperparameters():
 
 def test_compact_storage_keeps_float32_factor_triangles_and_bfloat16_roots():
     """factor_dtype=bfloat16: roots as bfloat16 triangles beside float32 factor triangles (bfloat16 factors
-    would drown their small eigenvalues); bases are not symmetric, so they and their factors stay full. The
-    roots are warned about below the ridge they need; bases never."""
+    would drown their small eigenvalues); bases are not symmetric, so they and their factors stay full."""
     layer = nn.Linear(6, 4)
-    with pytest.warns(UserWarning, match="epsilon=1e-4") as caught:
-        Shampoo(layer.parameters(), factor_dtype=torch.bfloat16)  # the default ridge, 1e-6
-    assert caught[0].filename == __file__  # the user's line, not the package's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        compact = Shampoo(
-            layer.parameters(), factor_dtype=torch.bfloat16, epsilon=1e-4, start_preconditioning_step=1
-        )
+        compact = Shampoo(layer.parameters(), factor_dtype=torch.bfloat16, start_preconditioning_step=1)
         corrected = Shampoo(
             layer.parameters(), factor_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected"
         )
@@ -314,3 +308,14 @@ def test_compact_storage_keeps_float32_factor_triangles_and_bfloat16_roots():
     state = corrected.state[layer.weight]
     assert state["factor_0_0"].shape == state["basis_0_0"].shape == (1, 4, 4)
     assert state["factor_0_0"].dtype == state["basis_0_0"].dtype == torch.bfloat16
+
+
+def test_bfloat16_products_with_roots_are_warned_about_and_with_bases_are_not():
+    params = nn.Linear(4, 3).parameters
+    with pytest.warns(UserWarning, match="matmul_dtype=None") as caught:
+        Shampoo(params(), matmul_dtype=torch.bfloat16)
+    assert caught[0].filename == __file__  # the user's line, not the package's
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Shampoo(params(), matmul_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected")
+        Shampoo(params(), factor_dtype=torch.bfloat16)
