@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from lightning_shampoo.recipes import CharTransformer, DigitsMLP
 
 from . import optimizers, report
-from .harness import FigureResult, Settings, Table, progress
+from .harness import FigureResult, Settings, Table, goal_verdict, progress
 from .models import WORKLOADS, mlp
 
 NAME = "memory"
@@ -84,13 +84,20 @@ def models(quick: bool, device: torch.device) -> list[Model]:
     ]
 
 
+# Each bfloat16 configuration against its float32 twin; issue 12's goal: compact storage at most
+# COMPACT_GOAL of the default's bytes.
+COMPACT = "Shampoo compact (bf16)"
+FLOAT32_TWINS = {COMPACT: "Shampoo f10", "Shampoo EC bf16": "Shampoo EC"}
+COMPACT_GOAL = 0.6
+
+
 def configurations() -> list[optimizers.OptimizerSpec]:
     """AdamW, Shampoo at its defaults, with compact (bfloat16) storage, with every dim a factor (the earlier
     default) and eigenvalue corrected, in fp32 and bf16 storage."""
     return [
         optimizers.adamw(),
         optimizers.shampoo(10),
-        optimizers.shampoo(10, factor_dtype=torch.bfloat16, label="Shampoo compact (bf16)"),
+        optimizers.shampoo(10, factor_dtype=torch.bfloat16, label=COMPACT),
         optimizers.shampoo(10, max_factor_ratio=None, label="Shampoo, every dim a factor"),
         optimizers.shampoo(10, preconditioner="eigenvalue_corrected", graft="none", label="Shampoo EC"),
         optimizers.shampoo(
@@ -104,11 +111,13 @@ def run(settings: Settings) -> FigureResult:
     result = FigureResult(NAME, "Optimizer-state memory per parameter vs AdamW")
     table = Table(
         "Optimizer state after one step",
-        ["model", "optimizer", "params", "state MiB", "bytes/param", "× AdamW", "breakdown (bytes/param)"],
+        ["model", "optimizer", "params", "state MiB", "bytes/param", "× AdamW", "× float32 storage",
+         f"goal ≤{COMPACT_GOAL:g}× (compact)", "breakdown (bytes/param)"],
     )
     bars: dict[str, dict[str, float]] = {}
     for model_entry in models(settings.quick, settings.device):
         adamw_bytes = 0
+        totals: dict[str, int] = {}
         for spec in configurations():
             torch.manual_seed(settings.seed)
             model = model_entry.build()
@@ -120,17 +129,24 @@ def run(settings: Settings) -> FigureResult:
             breakdown = state_bytes(optimizer)
             total = sum(breakdown.values())
             adamw_bytes = adamw_bytes or total
+            totals[spec.label] = total
+            twin = totals.get(FLOAT32_TWINS.get(spec.label, ""))
+            versus_float32 = total / twin if twin else None
+            verdict = ""
+            if spec.label == COMPACT and versus_float32 is not None:
+                verdict = goal_verdict(versus_float32, COMPACT_GOAL, at_most=True)
             n_params = sum(p.numel() for p in model.parameters())
             per_param = {key: value / n_params for key, value in breakdown.items()}
             table.rows.append([
                 model_entry.name, spec.label, n_params, total / 2**20, total / n_params, total / adamw_bytes,
+                versus_float32, verdict,
                 ", ".join(f"{key} {value:.2f}" for key, value in sorted(per_param.items())),
             ])
             if model_entry.name in ("mlp", "lm"):
                 bars[f"{model_entry.name}\n{spec.label}"] = per_param
             result.data.setdefault(model_entry.name, {})[spec.label] = {
                 "params": n_params, "state_bytes": total, "bytes_per_param": total / n_params,
-                "breakdown_bytes": breakdown,
+                "breakdown_bytes": breakdown, "versus_float32": versus_float32,
             }
             progress(NAME, f"{model_entry.name} | {spec.label}: {total / n_params:.2f} bytes/param "
                            f"({total / 2**20:.2f} MiB)")

@@ -8,8 +8,8 @@ mode-i unfolding is ``P X₍ᵢ₎``. For a 2-D block these are the familiar ``L
 Factors and roots may be stored as float32 or bfloat16 upper triangles (:mod:`.triangles`), and factors in
 bfloat16: the statistics are then accumulated in float32 and written back with stochastic rounding, which
 keeps the EMA unbiased (rounding to nearest would freeze it: with β2 = 0.999 an update is smaller than half
-a bfloat16 ulp). Mode products run in the dtype of the matrices they multiply by (bfloat16 ones on
-bfloat16 tensor cores / AMX units).
+a bfloat16 ulp). Mode products run in the dtype asked for (default: that of the matrices they multiply by;
+bfloat16 ones run on bfloat16 tensor cores / AMX units).
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def update_statistics(
 
     ``beta2 == 1`` is the plain running sum ``S_i ← S_i + G₍ᵢ₎G₍ᵢ₎ᵀ`` (AdaGrad-style). A float32 factor
     takes one fused ``baddbmm_`` (no temporaries), a packed one (:mod:`.triangles`) the triangle of the
-    Gram matrix; a bfloat16 one is updated in float32 and rounded back
-    stochastically with ``generator``'s bits (deterministic for a seeded generator).
+    Gram matrix; a bfloat16 one is updated in float32 and rounded back stochastically with
+    ``generator``'s bits (deterministic for a seeded generator).
     """
     alpha = 1.0 if beta2 == 1.0 else 1.0 - beta2
     for dim, factor in enumerate(factors):

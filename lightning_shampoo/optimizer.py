@@ -87,8 +87,8 @@ class Shampoo(Optimizer):
         basis_tolerance: an eigenbasis whose off-diagonal mass ``‖QᵀSQ − diag‖/‖S‖`` at a refresh is within
             this is kept, else recomputed (0: recomputed every refresh).
         factor_dtype: float32, or bfloat16: about half the memory (:class:`.preconditioners.Preconditioner`).
-        matmul_dtype: dtype of the per-step products with roots or bases (None: float32, whatever their
-            storage); bfloat16 runs them on bfloat16 units (AMX, tensor cores), at a cost in accuracy.
+        matmul_dtype: dtype of the per-step products with roots or bases (None: float32 for roots, the
+            bases' own); bfloat16 runs them on bfloat16 units (AMX, tensor cores), lossy for roots.
         refresh: ``"sync"`` (inside ``step()``), ``"async"`` (a background CPU thread; installed exactly
             ``refresh_lag`` steps after the snapshot: bitwise ``"sync"`` with the same lag) or
             ``"best_effort"`` (installed when ready, at most ``refresh_lag`` steps late). See :mod:`.refresh`.

@@ -108,16 +108,17 @@ class Preconditioner:
 
     kind = ""
     matrix = ""  # state key prefix of the refreshed matrices
-    symmetric = False  # whether the refreshed matrices are (roots: they may then be stored as triangles)
+    # Roots: symmetric (they may be stored as triangles), and their products cancel terms up to their
+    # eigenvalue spread larger than the result, which bfloat16 products do not survive: float32 products
+    # unless matmul_dtype asks otherwise. Products with orthonormal bases run in the bases' dtype.
+    roots = False
 
     def __init__(
         self, factor_dtype: torch.dtype = torch.float32, matmul_dtype: torch.dtype | None = None
     ) -> None:
         self.factor_dtype = factor_dtype
-        # Of the per-step products with roots or bases. float32 unless asked: a root's product cancels terms
-        # up to its eigenvalue spread larger than the result, which bfloat16 products do not survive.
-        self.matmul_dtype = matmul_dtype or torch.float32
-        self.packed = self.symmetric and factor_dtype != torch.float32
+        self.matmul_dtype = matmul_dtype or (torch.float32 if self.roots else None)  # None: the bases' dtype
+        self.packed = self.roots and factor_dtype != torch.float32
 
     def state_dtype(self, key: str) -> torch.dtype:
         """The dtype a state tensor is kept in: ``factor_dtype`` for the refreshed matrices and (unless
@@ -201,7 +202,7 @@ class RootInverse(Preconditioner):
 
     kind = "root_inverse"
     matrix = "root"
-    symmetric = True
+    roots = True
 
     def moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
         return ("exp_avg", "graft_sq") if grafting.has_second_moment(group["graft"]) else ("exp_avg",)

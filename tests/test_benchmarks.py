@@ -218,6 +218,12 @@ def test_state_bytes_match_the_layout() -> None:
         assert found["moments"] == 2 * 4 * n  # exp_avg and graft_sq
         # A factor and a root per dim, fp32: 40² and 48² for the weight, and (classic rules) 40² for the bias.
         assert found["factors"] == found["roots"] == 4 * factored
+    compact = Shampoo(model.parameters(), factor_dtype=torch.bfloat16, max_factor_ratio=4.0)
+    compact.step()
+    compact.close()
+    found = memory.state_bytes(compact)
+    triangles = 40 * 41 // 2 + 48 * 49 // 2  # upper triangles: fp32 factors, bf16 roots
+    assert (found["factors"], found["roots"]) == (4 * triangles, 2 * triangles)
 
 
 def test_test_matrices_have_the_requested_spectrum_and_root() -> None:
