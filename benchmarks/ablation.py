@@ -44,7 +44,7 @@ CONFIGURATIONS: dict[str, dict[str, Any]] = {
     "defaults with the pseudo-inverse instead of the ridge": {"pseudo_inverse": True},
     "defaults with a ridge of 1e-4·λmax (default 1e-6)": {"epsilon": 1e-4},
     "defaults with a ridge of 1e-3·λmax": {"epsilon": 1e-3},
-    "defaults with compact storage: bfloat16 roots and products, float32 factor triangles": {
+    "defaults with compact storage: bfloat16 roots, float32 factor triangles": {
         "factor_dtype": torch.bfloat16,
     },
     "compact storage with a ridge of 1e-4·λmax": {"factor_dtype": torch.bfloat16, "epsilon": 1e-4},

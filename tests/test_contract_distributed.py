@@ -1,7 +1,7 @@
-"""The contract over real gloo ranks, for every preconditioner (and the pseudo-inverse): DDP-sharded
-training equals one process, checkpoints move between 2 ranks and 1 bitwise-close, parameter groups added
-after sharded steps are owned and stay identical across ranks, and the per-step collective carries any
-mix of dtypes.
+"""The contract over real gloo ranks, for every preconditioner (and the pseudo-inverse, and compact
+storage): DDP-sharded training equals one process, checkpoints move between 2 ranks and 1 bitwise-close,
+parameter groups added after sharded steps are owned and stay identical across ranks, and the per-step
+collective carries any mix of dtypes.
 
 One spawn runs every scenario for every variant (module fixture); the one-process references run
 in the pytest process.
@@ -23,14 +23,19 @@ from lightning_shampoo.layout import ParameterSync
 
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
 
-# Both preconditioners, and the root inverse with the pseudo-inverse (its early factors are rank-deficient).
-PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected", "pseudo_inverse")
+# Both preconditioners, the root inverse with the pseudo-inverse (its early factors are rank-deficient) and
+# with compact storage (packed float32 factors and bfloat16 roots through sharding and checkpoints).
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected", "pseudo_inverse", "compact")
 # The eigenvalue-corrected run waits for full-rank factors (see test_reference_equivalence.py); roots
 # install one step late (a parameter's first at once), so a checkpoint after step 8 holds a refresh in flight.
 OPTIONS = {
     "root_inverse": dict(lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3),
     "pseudo_inverse": dict(
         lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3, pseudo_inverse=True
+    ),
+    "compact": dict(
+        lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3,
+        factor_dtype=torch.bfloat16,
     ),
     "eigenvalue_corrected": dict(
         lr=1e-2, block_size=8, start_preconditioning_step=5, precondition_frequency=3,

@@ -32,7 +32,13 @@ from torch.distributed.checkpoint.state_dict import (
 from lightning_shampoo import Shampoo
 from lightning_shampoo.statedict import unpack
 
-PRECONDITIONERS = ["root_inverse", "eigenvalue_corrected"]
+# Both preconditioners, and the root inverse with compact storage (packed float32 factors, bfloat16 roots).
+KINDS = {
+    "root_inverse": {},
+    "eigenvalue_corrected": {"preconditioner": "eigenvalue_corrected"},
+    "compact": {"factor_dtype": torch.bfloat16},
+}
+PRECONDITIONERS = list(KINDS)
 # Refreshes at steps 2, 5, 8, 11, …, each installed 2 steps later: the save after step 9 has step 8's
 # refresh in flight, and a refresh requested after step 9 happens at step 10.
 OPTIONS = dict(lr=1e-2, block_size=8, start_preconditioning_step=2, precondition_frequency=3)
@@ -55,7 +61,7 @@ def _first_run(build: Any, kind: str, batches: list, computed: bool, rank: int =
     """Train to the save with step 8's refresh in flight (``computed``: its results ready, else still
     being computed) and a refresh requested; the model, optimizer and the gate to open after saving."""
     model = build()
-    opt = Shampoo(model.parameters(), preconditioner=kind, **OPTIONS)
+    opt = Shampoo(model.parameters(), **KINDS[kind], **OPTIONS)
     gate = RefreshGate()
     train_shards(model, opt, batches[: SAVED_AT - 2], rank, world)
     opt.drain()  # step 5's refresh, installed at step 7, is done: the gate can close
@@ -71,7 +77,7 @@ def _first_run(build: Any, kind: str, batches: list, computed: bool, rank: int =
 
 def _reference(build: Any, kind: str, batches: list, rank: int = 0, world: int = 1) -> tuple[list, dict]:
     model = build()
-    with Shampoo(model.parameters(), preconditioner=kind, **OPTIONS) as opt:
+    with Shampoo(model.parameters(), **KINDS[kind], **OPTIONS) as opt:
         trajectory = train_shards(model, opt, batches[:SAVED_AT], rank, world)
         opt.request_refresh()
         trajectory += train_shards(model, opt, batches[SAVED_AT:], rank, world)
@@ -115,7 +121,7 @@ def _resume(
     opt.close()
 
     second = build(seed=5)  # initialised differently: everything must come from the checkpoint
-    fresh = Shampoo(second.parameters(), preconditioner=kind, **OPTIONS)
+    fresh = Shampoo(second.parameters(), **KINDS[kind], **OPTIONS)
     if transport == "dcp":
         saved = _save(second, fresh, api, options)  # the template dcp.load fills in place
         dcp.load(saved, checkpoint_id=where)
@@ -218,7 +224,7 @@ def test_the_sectioned_form_earlier_versions_saved_still_resumes_bitwise(kind: s
     weights, old = torch.load(buffer, weights_only=True)
     second = _model(seed=5)
     second.load_state_dict(weights)
-    with Shampoo(second.parameters(), preconditioner=kind, **OPTIONS) as fresh:
+    with Shampoo(second.parameters(), **KINDS[kind], **OPTIONS) as fresh:
         fresh.load_state_dict(old)
         trajectory = train_shards(second, fresh, _batches()[SAVED_AT:])
         progress = {key: fresh.metrics()[key] for key in PROGRESS}

@@ -25,7 +25,7 @@ from lightning_shampoo.cost import parameter_work
 from lightning_shampoo.partition import SPLIT_MIN_FLOPS
 from lightning_shampoo.statedict import unpack
 
-PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected")
+PRECONDITIONERS = ("root_inverse", "eigenvalue_corrected", "compact")
 # Roots install one step late (a parameter's first at once), so the checkpoint after step 8 holds a refresh
 # in flight.
 OPTIONS = {
@@ -33,6 +33,11 @@ OPTIONS = {
     "eigenvalue_corrected": dict(
         lr=1e-2, block_size=32, start_preconditioning_step=5, precondition_frequency=3,
         preconditioner="eigenvalue_corrected", graft="none",
+    ),
+    # Packed float32 factors and bfloat16 roots, split by blocks across ranks.
+    "compact": dict(
+        lr=1e-2, block_size=32, start_preconditioning_step=2, precondition_frequency=3,
+        factor_dtype=torch.bfloat16,
     ),
 }  # fmt: skip
 COMMON = dict(refresh_lag=1)
