@@ -61,6 +61,12 @@ def _step_time(figure: Figure) -> Summary:
                 unavailable.setdefault(run["unavailable"], set()).add(label.rsplit(" f", 1)[0])
             elif f" f{HEADLINE_FREQUENCY} " in f" {label} ":
                 rows.append(_step_time_row(workload, label, run))
+        slowest = {label: run["step_max_ms"] for label, run in runs.items()
+                   if " f10 " in f" {label} " and "step_max_ms" in run}
+        if workload == "mlp" and slowest:
+            notes.append("The mlp's slowest step at frequency 10: " + ", ".join(
+                f"{label} {report.format_cell(ms)} ms" for label, ms in slowest.items()
+            ) + f" (goal ≤{step_time.SLOWEST_STEP_GOAL_MS:g} ms).")
         sync = runs.get(f"Shampoo f{HEADLINE_FREQUENCY}", {})
         if workload == "mlp" and "flop_model" in sync:
             bound = sync["flop_model"]["step_bound_ms"] / runs["AdamW"]["step_mean_ms"]
