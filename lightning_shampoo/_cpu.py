@@ -3,8 +3,9 @@ background refresh worker.
 
 Nothing here imports torch at module level: the console script sets the wait policy before torch loads
 the OpenMP runtime, which reads it once. A library import never calls these; the console script does
-(``lightning_shampoo.__main__``, then :func:`lightning_shampoo.cli.configure_cpu_threads`). The one
-exception, :func:`default_refresh_threads`, is how ``Shampoo`` adapts its refresh to the policy in force.
+(``lightning_shampoo.__main__``, then :func:`lightning_shampoo.cli.configure_cpu_threads`). The
+exceptions, :func:`default_refresh_threads` and :func:`background_refresh_threads`, are how ``Shampoo``
+fits its refresh to the wait policy and to the cores training leaves.
 """
 
 from __future__ import annotations
@@ -24,6 +25,12 @@ BUSY_LOAD = 1.0  # 1-minute load average from which the machine counts as busy (
 # Measured on the 2-core machine, fp32: a batch of 4 512×512 eigh took 277 ms on 2 threads and 58 ms on 1
 # (default policy: 39 and 54 ms); 8 of 128×128, 47 and 5.4 ms. The refresh then computes on one thread.
 PASSIVE_REFRESH_THREADS = 1
+# libgomp runs every OpenMP team of a process at a throttled spin (idle threads sleep at once, as under
+# PASSIVE) as soon as their threads outnumber the cores. A background refresh worker with a team of its
+# own next to CPU training on all cores therefore slows both: measured on 2 cores, once the worker had run
+# a 2-thread eigh, the training thread's 4×512 eigh took 295 ms instead of 41 and its small ops 1.4× longer;
+# the MLP's async iteration at frequency 10 averaged 30.9 ms against 21.8 with a 1-thread worker (sync:
+# 20.5), the char-LM's 84.1 against 74.8 (sync: 70.2). So the worker takes only the cores training leaves.
 # A background refresh worker gets cores of its own (REFRESH_THREADS of them, training the rest) only
 # where a training process has at least SPLIT_FROM cores; with fewer, taking one from training costs more
 # than sharing (measured on 2 cores: the char-LM recipe's tokens/s 0.94-2.6x, median 1.5x, higher shared
@@ -49,6 +56,14 @@ def default_refresh_threads(environ: Mapping[str, str] = os.environ) -> int | No
     ``OMP_WAIT_POLICY=PASSIVE``, else ``None`` (torch's count)."""
     passive = environ.get("OMP_WAIT_POLICY", "").upper() == WAIT_POLICY
     return PASSIVE_REFRESH_THREADS if passive else None
+
+
+def background_refresh_threads(training_threads: int, cpus: int | None = None) -> int:
+    """Intra-op threads of a background refresh worker next to CPU training with ``training_threads``:
+    the cores it leaves (of ``cpus``, by default those this process may use), at least one."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cpus - training_threads)
 
 
 @dataclass(frozen=True)

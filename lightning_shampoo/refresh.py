@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ._cpu import background_refresh_threads
 from .guards import caller_stacklevel
 from .policies import EveryNSteps, FunctionPolicy, OnRequest, RefreshPolicy
 from .requests import (
@@ -213,8 +214,9 @@ class RefreshEngine:
         settings: how roots and bases are computed.
         mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (see the module docstring).
         lag: steps between a snapshot and the install of its roots (the bound on it for best-effort).
-        threads: intra-op threads for the root computation in every mode; ``None``: the computing
-            thread's count (a new thread inherits torch's process-wide count).
+        threads: intra-op threads for the root computation in every mode; ``None``: in sync mode the
+            training thread's count; for the worker, the cores CPU training leaves (at least one), or
+            torch's count next to GPU training.
 
     ``close()`` stops the worker and keeps the pending refreshes; a later step restarts the worker,
     which recomputes the unfinished ones, so the trajectory does not change.
@@ -399,9 +401,17 @@ class RefreshEngine:
             tickets = [t for t in self._pending if not t.done.is_set()]
             if not tickets:
                 return
-            self._worker = _Worker(self.settings, self.threads)
+            self._worker = _Worker(self.settings, self._worker_threads())
         for ticket in tickets:
             self._worker.put(ticket)
+
+    def _worker_threads(self) -> int | None:
+        """``threads`` if set; else, next to CPU training, the cores training leaves, at least one
+        (:func:`._cpu.background_refresh_threads`); next to GPU training (snapshots copied from CUDA),
+        torch's count."""
+        if self.threads is not None or self._copy_devices:
+            return self.threads
+        return background_refresh_threads(torch.get_num_threads())
 
     def _wait(self, ticket: _Ticket) -> None:
         self._queue([])

@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_shampoo import FunctionPolicy, OnRequest, Shampoo, refresh
+from lightning_shampoo import FunctionPolicy, OnRequest, Shampoo, _cpu, refresh
 from lightning_shampoo.refresh import EveryNSteps
 from lightning_shampoo.statedict import unpack
 
@@ -109,6 +109,24 @@ def two_training_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+def test_a_background_worker_takes_only_the_cores_cpu_training_leaves(
+    two_training_threads, compute_threads, monkeypatch
+):
+    """More OpenMP threads than cores make libgomp throttle every team (see ``_cpu``): next to CPU training
+    the worker computes on the cores training leaves, at least one; sync keeps training's count (the
+    suite's PASSIVE policy would make both one)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert _cpu.background_refresh_threads(2, cpus=2) == 1
+    assert _cpu.background_refresh_threads(2, cpus=8) == 6
+    assert _cpu.background_refresh_threads(8, cpus=8) == 1
+    _run(8, refresh="sync")
+    _run(8, refresh="async")
+    worker = {count for name, count in compute_threads if name == "shampoo-refresh"}
+    training = {count for name, count in compute_threads if name != "shampoo-refresh"}
+    assert training == {2} and worker == {_cpu.background_refresh_threads(2)}
+    assert torch.get_num_threads() == 2  # the training thread's count is left alone
 
 
 def test_a_wide_factor_is_bitwise_too_because_both_modes_use_the_same_thread_count(two_training_threads):
