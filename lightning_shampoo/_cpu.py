@@ -85,8 +85,9 @@ def plan_threads(
 ) -> ThreadPlan:
     """Splits ``threads`` (torch's default count: the cores this process may use) among ``processes``
     training processes on the machine and, for a background refresh on at least :data:`SPLIT_FROM` cores
-    per process, between training and :data:`REFRESH_THREADS` for the worker (with fewer, the worker
-    shares training's). ``OMP_NUM_THREADS`` in ``environ`` is the user's choice of training threads."""
+    per process, between training and :data:`REFRESH_THREADS` for the worker (with fewer, training keeps
+    them all and the worker takes what :func:`background_refresh_threads` leaves it). ``OMP_NUM_THREADS``
+    in ``environ`` is the user's choice of training threads."""
     per_process = max(1, threads // max(1, processes))
     refresh = REFRESH_THREADS if background_refresh and per_process >= SPLIT_FROM else None
     training = per_process - (refresh or 0)

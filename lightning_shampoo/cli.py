@@ -314,7 +314,7 @@ def _worker_threads(shampoo: Namespace | None) -> str:
     if shampoo is None:
         return ""
     if shampoo.get("refresh_threads") is None:
-        return ", Shampoo's refresh worker sharing them"
+        return ", Shampoo's refresh worker on the cores they leave (at least one thread)"
     return f" + {shampoo.refresh_threads} for Shampoo's refresh worker"
 
 

@@ -290,7 +290,8 @@ def test_console_script_sets_the_wait_policy_and_splits_cores_for_an_async_refre
     output, (threads, policy), optimizer = console([*DIGITS_ALONE, *ASYNC], env, tmp_path)
     assert policy in (None, "PASSIVE")  # by the machine's load when the script started (unit-tested above)
     assert (threads, optimizer["refresh_threads"]) == (plan.training or int(default.stdout), plan.refresh)
-    worker = f" + {plan.refresh} for" if plan.refresh else ", Shampoo's refresh worker sharing them"
+    leftover = ", Shampoo's refresh worker on the cores they leave"
+    worker = f" + {plan.refresh} for" if plan.refresh else leftover
     assert f"CPU training with {threads} torch thread(s) per process{worker}" in output
     assert f"OMP_WAIT_POLICY={policy or 'unset'}" in output
 
