@@ -105,6 +105,28 @@ def validate(
     return pairs
 
 
+OTHER_MODEL = "Was it saved for another model, or with other options?"
+
+
+def _storage_hint(found: tuple[int, ...] | str, expected: tuple[int, ...]) -> str:
+    """What to do when the shapes differ only by the storage of a symmetric stack (full or triangles)."""
+    if not isinstance(found, tuple) or len(found) + len(expected) != 5 or found[0] != expected[0]:
+        return ""
+    full, packed = (found, expected) if len(found) == 3 else (expected, found)
+    if full[1] != full[2] or triangles.size(full[1]) != packed[1]:
+        return ""
+    if len(found) == 3:
+        return (
+            "It holds full matrices where this optimizer keeps triangles (compact storage, "
+            "factor_dtype=torch.bfloat16; earlier versions kept bfloat16 factors full): construct the "
+            "optimizer with factor_dtype=torch.float32 to resume it."
+        )
+    return (
+        "It holds the root inverse's matrices as triangles (compact storage): construct the optimizer with "
+        "factor_dtype=torch.bfloat16 to resume it."
+    )
+
+
 def _check_structure(saved_group: dict[str, Any], group: dict[str, Any], name: str) -> None:
     for option in STRUCTURAL_OPTIONS:
         saved_value = saved_group.get(option, group[option])
@@ -122,7 +144,7 @@ def _check_param_state(saved: dict[str, Any], spec: ParamSpec, load_values: bool
         if found != shape:
             raise ValueError(
                 f"Shampoo checkpoint does not match {spec.name}: state {key!r} has shape {found}, expected "
-                f"{shape}. Was it saved for another model, or with other options?"
+                f"{shape}. {_storage_hint(found, shape) or OTHER_MODEL}"
             )
     if not load_values:
         return

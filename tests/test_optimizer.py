@@ -319,3 +319,23 @@ def test_bfloat16_products_with_roots_are_warned_about_and_with_bases_are_not():
         warnings.simplefilter("error")
         Shampoo(params(), matmul_dtype=torch.bfloat16, preconditioner="eigenvalue_corrected")
         Shampoo(params(), factor_dtype=torch.bfloat16)
+
+
+def test_a_checkpoint_of_the_other_storage_is_refused_with_the_factor_dtype_that_loads_it():
+    def trained(dtype):
+        layer = nn.Linear(6, 4)
+        opt = Shampoo(layer.parameters(), factor_dtype=dtype, start_preconditioning_step=1)
+        layer(torch.randn(8, 6)).square().sum().backward()
+        opt.step()
+        return layer, opt
+
+    _, compact = trained(torch.bfloat16)
+    layer, full = trained(torch.float32)
+    before = {k: v.clone() for k, v in full.state[layer.weight].items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(ValueError, match=r"as triangles .* factor_dtype=torch\.bfloat16 to resume"):
+        full.load_state_dict(compact.state_dict())
+    assert all(torch.equal(full.state[layer.weight][k], v) for k, v in before.items())  # unchanged
+    with pytest.raises(ValueError, match=r"full matrices .* factor_dtype=torch\.float32 to resume"):
+        compact.load_state_dict(full.state_dict())
+    _, other = trained(torch.float32)
+    other.load_state_dict(full.state_dict())  # the storage it names loads it
