@@ -257,9 +257,9 @@ class Shampoo(Optimizer):
             self.state[entry.param]["step"] += 1
         grads = {entry.index: layout.part(entry.param, entry.grad).float() for entry in updating}
         if step % self.options.statistics_frequency == 0:
+            factor_dtype = self._preconditioner.state_dtype("factor_")
             for entry in updating:
                 plan, state = entry.plan, self.state[entry.param]
-                factor_dtype = self._preconditioner.state_dtype("factor_")
                 rounding = rounding_generator(factor_dtype, step, entry.index, entry.grad.device)
                 for g, stack in enumerate(plan.split(grads[entry.index]) if plan.preconditioned else []):
                     factors = group_tensors(state, "factor", g, plan)
