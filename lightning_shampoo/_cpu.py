@@ -4,8 +4,8 @@ background refresh worker.
 Nothing here imports torch at module level: the console script sets the wait policy before torch loads
 the OpenMP runtime, which reads it once. A library import never calls these; the console script does
 (``lightning_shampoo.__main__``, then :func:`lightning_shampoo.cli.configure_cpu_threads`). The
-exceptions, :func:`default_refresh_threads` and :func:`background_refresh_threads`, are how ``Shampoo``
-fits its refresh to the wait policy and to the cores training leaves.
+exception, :func:`background_refresh_threads`, is how ``Shampoo`` fits its background refresh to the
+cores training leaves.
 """
 
 from __future__ import annotations
@@ -21,10 +21,6 @@ from dataclasses import dataclass
 # small op then pays a wake-up). So PASSIVE only where the machine is busy when training starts.
 WAIT_POLICY = "PASSIVE"
 BUSY_LOAD = 1.0  # 1-minute load average from which the machine counts as busy (a process on a core)
-# Under PASSIVE, a multi-threaded LAPACK eigh pays a wake-up at each of its many small parallel regions.
-# Measured on the 2-core machine, fp32: a batch of 4 512×512 eigh took 277 ms on 2 threads and 58 ms on 1
-# (default policy: 39 and 54 ms); 8 of 128×128, 47 and 5.4 ms. The refresh then computes on one thread.
-PASSIVE_REFRESH_THREADS = 1
 # libgomp runs every OpenMP team of a process at a throttled spin (idle threads sleep at once, as under
 # PASSIVE) as soon as their threads outnumber the cores. A background refresh worker with a team of its
 # own next to CPU training on all cores therefore slows both: measured on 2 cores, once the worker had run
@@ -49,13 +45,6 @@ def set_wait_policy(environ: MutableMapping[str, str] = os.environ, load: float 
     if "OMP_WAIT_POLICY" not in environ and (os.getloadavg()[0] if load is None else load) >= BUSY_LOAD:
         environ["OMP_WAIT_POLICY"] = WAIT_POLICY
     return environ.get("OMP_WAIT_POLICY", "default")
-
-
-def default_refresh_threads(environ: Mapping[str, str] = os.environ) -> int | None:
-    """``Shampoo``'s refresh threads where the user sets none: :data:`PASSIVE_REFRESH_THREADS` under
-    ``OMP_WAIT_POLICY=PASSIVE``, else ``None`` (torch's count)."""
-    passive = environ.get("OMP_WAIT_POLICY", "").upper() == WAIT_POLICY
-    return PASSIVE_REFRESH_THREADS if passive else None
 
 
 def background_refresh_threads(training_threads: int, cpus: int | None = None) -> int:

@@ -95,8 +95,8 @@ class Shampoo(Optimizer):
         refresh_lag: snapshot → install, in steps; default 0 for ``"sync"``, else ``precondition_frequency``.
             A parameter's first results install at once, whatever the lag.
         refresh_policy: a :class:`RefreshPolicy` or a function ``step -> bool``; default :class:`EveryNSteps`.
-        refresh_threads: intra-op CPU threads of the refresh, in every mode; default: torch's count, but one
-            under OMP_WAIT_POLICY=PASSIVE, and a background worker takes only the cores CPU training leaves.
+        refresh_threads: CPU threads of the refresh, in every mode, each decomposing whole matrices (same bits
+            for any count); default: torch's count, a background worker only the cores CPU training leaves.
         check_finite: skip parameters whose gradient is non-finite or would overflow (a host sync a step).
         distribute: ``"sharded"``: with replicated parameters on several ranks (DDP) each parameter has one
             owner rank keeping its state and computing its update (one all-gather a step); ``"replicated"``:

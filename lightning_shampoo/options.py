@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from . import grafting
-from ._cpu import default_refresh_threads
 from .eigen import EIGH_DTYPES
 from .layout import DISTRIBUTE_MODES
 from .policies import EveryNSteps, FunctionPolicy, RefreshPolicy
@@ -127,8 +126,7 @@ class RefreshOptions:
         mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (the ``refresh`` option).
         lag: steps from a snapshot to the install of its results (the bound on it for best effort).
         policy: the schedule given at construction (``Shampoo.policy`` is the one in force).
-        threads: intra-op threads of the refresh computation (``None``: torch's count); by default one
-            under ``OMP_WAIT_POLICY=PASSIVE`` (:func:`._cpu.default_refresh_threads`).
+        threads: CPU threads of the refresh computation (``None``: torch's count; see :mod:`.cpu_pool`).
         frequency, start: ``precondition_frequency`` and ``start_preconditioning_step``.
     """
 
@@ -164,8 +162,6 @@ class RefreshOptions:
             refresh_threads is None or refresh_threads >= 1,
             f"refresh_threads must be None or >= 1, got {refresh_threads}",
         )
-        if refresh_threads is None:
-            refresh_threads = default_refresh_threads()
         if refresh_policy is None:
             refresh_policy = EveryNSteps(start_preconditioning_step, precondition_frequency)
         elif not isinstance(refresh_policy, RefreshPolicy):

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import cpu_pool
 from ._cpu import background_refresh_threads
 from .guards import caller_stacklevel
 from .policies import EveryNSteps, FunctionPolicy, OnRequest, RefreshPolicy
@@ -81,8 +82,8 @@ def intra_op_threads(count: int) -> Iterator[None]:
     inside the body starts with ``count`` threads (DataLoader worker and pin-memory threads set their own).
 
     The count matters for bits: MKL's ``eigh`` rounds differently with 1 and 2 threads for ``d ≳ 700``.
-    Sync and the worker compute under the same count, so they agree bitwise; without ``refresh_threads``
-    neither calls this and the worker starts with the process-wide count, as the training thread did.
+    A refresh computes inline on one thread or on single-threaded helpers (:func:`_compute`), so every
+    matrix is decomposed on one thread whatever the count.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
@@ -93,9 +94,17 @@ def intra_op_threads(count: int) -> Iterator[None]:
 
 
 def _compute(snapshots: list[FactorSnapshot], settings: RefreshSettings, threads: int | None) -> list[Result]:
-    if threads is None:
-        return compute_refresh(snapshots, settings)
-    with intra_op_threads(threads):
+    """On ``threads`` CPU threads (``None``: the calling thread's count): one inline, more as
+    single-threaded helpers (:mod:`.cpu_pool`), so the bits do not depend on the count."""
+    if not cpu_pool.available():
+        if threads is None:
+            return compute_refresh(snapshots, settings)
+        with intra_op_threads(threads):
+            return compute_refresh(snapshots, settings)
+    workers = threads or torch.get_num_threads()
+    if workers > 1:
+        return compute_refresh(snapshots, settings, workers)
+    with intra_op_threads(1):
         return compute_refresh(snapshots, settings)
 
 

@@ -11,13 +11,15 @@ with ``weights_only=True``.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import triangles
+from . import cpu_pool, triangles
 from .eigen import BasisResult, default_eigh_dtype, eigenbasis
 from .roots import RootResult, inverse_pth_root
 
@@ -76,44 +78,102 @@ class RefreshSettings:
     basis_tolerance: float = 0.01
 
 
-def compute_refresh(snapshots: list[FactorSnapshot], settings: RefreshSettings) -> list[Result]:
-    """The result of every snapshot; snapshots of one size and request are stacked into one batched call."""
+def compute_refresh(
+    snapshots: list[FactorSnapshot], settings: RefreshSettings, workers: int = 1
+) -> list[Result]:
+    """The result of every snapshot; snapshots of one size and request are stacked into one batched call.
+
+    With ``workers > 1`` (CPU matrices only), each stack is cut into up to ``workers`` pieces computed side
+    by side on single-threaded helpers (:mod:`.cpu_pool`); otherwise inline, in the calling thread.
+    """
     buckets: dict[tuple[tuple[int, ...], Request, bool], list[int]] = {}
     for index, snap in enumerate(snapshots):
         key = (tuple(snap.matrices.shape[1:]), snap.request, snap.previous is not None)
         buckets.setdefault(key, []).append(index)
+    stacks = [_Stack.of(snapshots, members, request, warm) for (_, request, warm), members in buckets.items()]
+    if workers > 1 and all(stack.matrices.device.type == "cpu" for stack in stacks):
+        batches = _on_helpers(stacks, settings, workers)
+    else:
+        batches = [stack.compute(settings) for stack in stacks]
     results: list[Result | None] = [None] * len(snapshots)
-    for (_, request, warm), members in buckets.items():
-        stacked = torch.cat([snapshots[i].matrices for i in members])
-        packed = triangles.is_packed(stacked)  # then so are the roots computed from it
-        stacked = triangles.full(stacked)
-        eigh_dtype = settings.eigh_dtype or default_eigh_dtype(stacked.device)
-        if isinstance(request, RootRequest):
-            batch: Result = inverse_pth_root(
-                stacked,
-                request.exponent,
-                epsilon=request.epsilon,
-                relative_epsilon=request.relative_epsilon,
-                method=settings.inverse_root,
-                max_residual=settings.max_root_residual,
-                pseudo_inverse=request.pseudo_inverse,
-                eigh_dtype=eigh_dtype,
-            )
-            if packed:
-                batch = dataclasses.replace(batch, root=triangles.pack(batch.root))
-        else:
-            previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
-            # Keep a basis within tolerance, else decompose anew: on CPU a QR power step costs about as much
-            # as a float32 eigh (measured), so refining a drifted basis saves nothing there.
-            tolerance = settings.basis_tolerance
-            batch = eigenbasis(
-                stacked, previous, tolerance=tolerance, restart=tolerance, dtype=eigh_dtype
-            )
-        sizes = [snapshots[i].matrices.shape[0] for i in members]
-        parts = [value.split(sizes) for value in fields_of(batch).values()]
-        for i, *values in zip(members, *parts, strict=True):
+    for stack, batch in zip(stacks, batches, strict=True):
+        sizes = [snapshots[i].matrices.shape[0] for i in stack.members]
+        split = [value.split(sizes) for value in fields_of(batch).values()]
+        for i, *values in zip(stack.members, *split, strict=True):
             results[i] = type(batch)(*values)
     return results  # type: ignore[return-value]
+
+
+@dataclass(eq=False)
+class _Stack:
+    """The snapshots ``members`` (same size, same request), stacked."""
+
+    members: list[int]
+    request: Request
+    matrices: Tensor
+    previous: Tensor | None
+
+    @classmethod
+    def of(cls, snapshots: list[FactorSnapshot], members: list[int], request: Request, warm: bool) -> _Stack:
+        previous = torch.cat([snapshots[i].previous for i in members]) if warm else None
+        return cls(members, request, torch.cat([snapshots[i].matrices for i in members]), previous)
+
+    def cost(self, rows: slice) -> int:
+        """About the flops of computing ``rows``: ``d³`` a matrix."""
+        side = self.matrices.shape[-1]
+        if triangles.is_packed(self.matrices):
+            side = triangles.side_of(side)
+        return len(range(*rows.indices(self.matrices.shape[0]))) * side**3
+
+    def compute(self, settings: RefreshSettings, rows: slice = slice(None)) -> Result:
+        previous = None if self.previous is None else self.previous[rows]
+        return _compute_stack(self.matrices[rows], self.request, previous, settings)
+
+
+def _on_helpers(stacks: list[_Stack], settings: RefreshSettings, workers: int) -> list[Result]:
+    """Each stack's result, its rows cut into up to ``workers`` ranges computed on single-threaded helpers,
+    costliest first (helpers take tasks in submission order)."""
+    jobs = [(stack, rows) for stack in stacks for rows in _row_ranges(stack.matrices.shape[0], workers)]
+    order = sorted(range(len(jobs)), key=lambda j: -jobs[j][0].cost(jobs[j][1]))
+    tasks = [functools.partial(jobs[j][0].compute, settings, jobs[j][1]) for j in order]
+    done = dict(zip(order, cpu_pool.run_single_threaded(tasks, workers), strict=True))
+    return [_joined([done[j] for j, (owner, _) in enumerate(jobs) if owner is stack]) for stack in stacks]
+
+
+def _row_ranges(count: int, workers: int) -> list[slice]:
+    """``range(count)`` in up to ``workers`` consecutive slices of near-equal length."""
+    bounds = [count * k // workers for k in range(workers + 1)]
+    return [slice(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
+
+
+def _joined(parts: list[Result]) -> Result:
+    """One result from the results of consecutive row ranges of a stack."""
+    columns = zip(*(fields_of(part).values() for part in parts), strict=True)
+    return type(parts[0])(*(torch.cat(column) for column in columns))
+
+
+def _compute_stack(stacked: Tensor, request: Request, previous: Tensor | None,
+                   settings: RefreshSettings) -> Result:
+    """Roots or bases of one stack of same-size factors (full or packed) for one request."""
+    packed = triangles.is_packed(stacked)  # then so are the roots computed from it
+    stacked = triangles.full(stacked)
+    eigh_dtype = settings.eigh_dtype or default_eigh_dtype(stacked.device)
+    if isinstance(request, RootRequest):
+        batch = inverse_pth_root(
+            stacked,
+            request.exponent,
+            epsilon=request.epsilon,
+            relative_epsilon=request.relative_epsilon,
+            method=settings.inverse_root,
+            max_residual=settings.max_root_residual,
+            pseudo_inverse=request.pseudo_inverse,
+            eigh_dtype=eigh_dtype,
+        )
+        return dataclasses.replace(batch, root=triangles.pack(batch.root)) if packed else batch
+    # Keep a basis within tolerance, else decompose anew: on CPU a QR power step costs about as much as a
+    # float32 eigh (measured), so refining a drifted basis saves nothing there.
+    tolerance = settings.basis_tolerance
+    return eigenbasis(stacked, previous, tolerance=tolerance, restart=tolerance, dtype=eigh_dtype)
 
 
 def fields_of(result: Result) -> dict[str, Tensor]:

@@ -190,9 +190,9 @@ class RefreshGate:
         self._real = refresh.compute_refresh
         refresh.compute_refresh = self._compute
 
-    def _compute(self, snapshots: Any, settings: Any) -> Any:
+    def _compute(self, snapshots: Any, settings: Any, *workers: int) -> Any:
         self.open.wait()
-        return self._real(snapshots, settings)
+        return self._real(snapshots, settings, *workers)
 
     def restore(self) -> None:
         self.open.set()

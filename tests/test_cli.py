@@ -12,11 +12,10 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from jsonargparse import Namespace
 
-from lightning_shampoo import Shampoo, _cpu
+from lightning_shampoo import _cpu
 from lightning_shampoo.__main__ import main
 from lightning_shampoo._extras import MissingExtra, Requirement, check_requirements
 from lightning_shampoo.cli import plot_path, route_optimizer_and_scheduler, run, twin_args
@@ -217,22 +216,6 @@ def test_thread_plan_splits_cores_and_leaves_what_the_user_set() -> None:
     busy, free = {}, {}
     assert _cpu.set_wait_policy(busy, load=_cpu.BUSY_LOAD) == "PASSIVE" == busy["OMP_WAIT_POLICY"]
     assert _cpu.set_wait_policy(free, load=0.2) == "default" and not free
-
-
-def test_the_refresh_computes_on_one_thread_under_a_passive_wait_policy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """Under OMP_WAIT_POLICY=PASSIVE a multi-threaded eigh waits on sleeping threads (measured 4-9x slower):
-    Shampoo's refresh then defaults to one thread; the user's refresh_threads wins either way."""
-    assert _cpu.default_refresh_threads({"OMP_WAIT_POLICY": "passive"}) == _cpu.PASSIVE_REFRESH_THREADS == 1
-    assert _cpu.default_refresh_threads({"OMP_WAIT_POLICY": "ACTIVE"}) is None
-    assert _cpu.default_refresh_threads({}) is None
-    params = torch.nn.Linear(3, 2).parameters
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    assert Shampoo(params()).refresh_options.threads == 1
-    assert Shampoo(params(), refresh_threads=2).refresh_options.threads == 2
-    monkeypatch.delenv("OMP_WAIT_POLICY")
-    assert Shampoo(params()).refresh_options.threads is None
 
 
 def test_library_imports_leave_torch_and_the_environment_alone() -> None:

@@ -273,10 +273,10 @@ def test_a_failing_sync_refresh_never_half_applies_a_step(kind: str, monkeypatch
     real = refresh.compute_refresh
     failing = {"at": 5}
 
-    def compute(snapshots: Any, settings: Any) -> Any:
+    def compute(snapshots: Any, settings: Any, *workers: int) -> Any:
         if failing["at"] and snapshots and failing["at"] == step[0]:
             raise MemoryError("no memory for the eigendecomposition")
-        return real(snapshots, settings)
+        return real(snapshots, settings, *workers)
 
     step = [0]
     monkeypatch.setattr(refresh, "compute_refresh", compute)

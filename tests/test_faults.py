@@ -33,7 +33,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
     from lightning_shampoo import Shampoo, refresh
     if sys.argv[1] == "stuck":  # a worker that never finishes, and a step waiting for it
         never = threading.Event()
-        refresh.compute_refresh = lambda snapshots, settings: never.wait()
+        refresh.compute_refresh = lambda snapshots, settings, *workers: never.wait()
         model, lag = nn.Linear(64, 64), 1
     else:  # a long refresh in flight (a 3072-wide factor) while training goes on
         model, lag = nn.Linear(3072, 8, bias=False), 50

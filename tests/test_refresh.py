@@ -59,13 +59,14 @@ def _no_worker_outlives_a_test():
 
 @pytest.fixture
 def compute_threads(monkeypatch):
-    """Wraps the real ``compute_refresh`` to record the thread and thread count of every call."""
+    """Wraps the real ``compute_refresh`` to record the thread of every call and the threads it computes on
+    (its helpers, or the calling thread's count)."""
     calls = []
     real = refresh.compute_refresh
 
-    def recording(snapshots, settings):
-        calls.append((threading.current_thread().name, torch.get_num_threads()))
-        return real(snapshots, settings)
+    def recording(snapshots, settings, *workers):
+        calls.append((threading.current_thread().name, workers[0] if workers else torch.get_num_threads()))
+        return real(snapshots, settings, *workers)
 
     monkeypatch.setattr(refresh, "compute_refresh", recording)
     return calls
@@ -89,14 +90,18 @@ def test_async_is_bitwise_sync_with_the_same_lag(lag, threads, compute_threads):
     assert async_losses == sync_losses
     assert all(torch.equal(a, s) for a, s in zip(async_params, sync_params))
     # Refreshes at 2, 5, …, 29; those installed after step 30 are still in flight (lag 7 > frequency 3:
-    # two at a time). Sync computed in the training thread, async in the worker, with one thread count.
+    # two at a time). Sync computed in the training thread, async in the worker, each on its own count of
+    # threads (2 and 1 on two cores, by default): the results do not depend on it.
     assert sync_metrics["refreshes"] == async_metrics["refreshes"] == 10
     assert async_metrics["staleness"] == sync_metrics["staleness"] == lag
     in_flight = sum(t + lag > 30 for t in range(2, 31, 3))
     assert async_metrics["in_flight"] == sync_metrics["in_flight"] == in_flight
     assert {name for name, _ in compute_threads[:10]} == {threading.current_thread().name}
     assert {name for name, _ in compute_threads[10:]} == {"shampoo-refresh"}
-    assert {count for _, count in compute_threads} == {threads or torch.get_num_threads()}
+    training = torch.get_num_threads()
+    worker = threads or _cpu.background_refresh_threads(training)
+    assert {count for _, count in compute_threads[:10]} == {threads or training}
+    assert {count for _, count in compute_threads[10:]} == {worker}
     # The lag matters: the comparison above is not between two identical configurations.
     if lag:
         other_losses, _, _ = _run(30, refresh="sync", refresh_lag=0)
@@ -111,13 +116,9 @@ def two_training_threads():
     torch.set_num_threads(previous)
 
 
-def test_a_background_worker_takes_only_the_cores_cpu_training_leaves(
-    two_training_threads, compute_threads, monkeypatch
-):
+def test_a_background_worker_takes_only_the_cores_cpu_training_leaves(two_training_threads, compute_threads):
     """More OpenMP threads than cores make libgomp throttle every team (see ``_cpu``): next to CPU training
-    the worker computes on the cores training leaves, at least one; sync keeps training's count (the
-    suite's PASSIVE policy would make both one)."""
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    the worker computes on the cores training leaves, at least one; sync keeps training's count."""
     assert _cpu.background_refresh_threads(2, cpus=2) == 1
     assert _cpu.background_refresh_threads(2, cpus=8) == 6
     assert _cpu.background_refresh_threads(8, cpus=8) == 1
@@ -129,14 +130,14 @@ def test_a_background_worker_takes_only_the_cores_cpu_training_leaves(
     assert torch.get_num_threads() == 2  # the training thread's count is left alone
 
 
-def test_a_wide_factor_is_bitwise_too_because_both_modes_use_the_same_thread_count(two_training_threads):
-    # MKL's eigh rounds differently with 1 and 2 threads from d ≈ 700 on: sync (in the training thread, 2
-    # threads) and async must both compute with refresh_threads for a 720-wide factor to give the same bits.
+def test_a_wide_factor_is_bitwise_too_whatever_the_refresh_threads(two_training_threads):
+    # MKL's eigh rounds differently with 1 and 2 threads from d ≈ 700 on. Sync computes on 2 threads and
+    # the worker next to 2-thread training on 1; every matrix is decomposed on one thread either way.
     def run(mode):
         torch.manual_seed(0)
         layer = nn.Linear(720, 2)
         g = torch.Generator().manual_seed(1)
-        options = dict(start_preconditioning_step=1, refresh_lag=1, refresh_threads=1)
+        options = dict(start_preconditioning_step=1, refresh_lag=1)
         with Shampoo(layer.parameters(), lr=1e-2, refresh=mode, **options) as opt:
             for _ in range(2):  # roots of step 1 used at step 2
                 opt.zero_grad()
@@ -154,13 +155,13 @@ def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(mo
     seen, niceness = [], []
     real = refresh.compute_refresh
 
-    def gated(snapshots, settings):
-        seen.append(torch.get_num_threads())
+    def gated(snapshots, settings, *workers):
+        seen.append(workers[0] if workers else torch.get_num_threads())
         niceness.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
         if len(seen) > 1:  # the first refresh installs at once (its step waits): hold the second
             started.set()
             release.wait()
-        return real(snapshots, settings)
+        return real(snapshots, settings, *workers)
 
     monkeypatch.setattr(refresh, "compute_refresh", gated)
     training_threads = torch.get_num_threads()
@@ -182,7 +183,7 @@ def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(mo
 
 
 def test_worker_failure_is_reraised_at_the_next_step_with_its_traceback(monkeypatch):
-    def failing(snapshots, settings):
+    def failing(snapshots, settings, *workers):
         raise ValueError("factor exploded")
 
     monkeypatch.setattr(refresh, "compute_refresh", failing)
@@ -204,7 +205,7 @@ def test_worker_failure_is_reraised_at_the_next_step_with_its_traceback(monkeypa
 
 
 def test_drain_reraises_a_worker_failure(monkeypatch):
-    monkeypatch.setattr(refresh, "compute_refresh", lambda snapshots, settings: 1 / 0)
+    monkeypatch.setattr(refresh, "compute_refresh", lambda snapshots, settings, *workers: 1 / 0)
     model = _model()
     with Shampoo(model.parameters(), **FAST, refresh="best_effort", refresh_lag=5) as opt:
         _train(model, opt, _batches(2))
@@ -252,9 +253,9 @@ def test_interpreter_exit_stops_an_idle_and_a_busy_worker():
         from torch import nn
         from lightning_shampoo import Shampoo, refresh
         real, delay = refresh.compute_refresh, [0.0]
-        def slow(snapshots, settings):
+        def slow(snapshots, settings, *workers):
             time.sleep(delay[0])
-            return real(snapshots, settings)
+            return real(snapshots, settings, *workers)
         refresh.compute_refresh = slow
         def train(opt, model):
             for _ in range(2):
@@ -281,9 +282,9 @@ def _gate_compute(monkeypatch):
     gate = threading.Event()
     real = refresh.compute_refresh
 
-    def gated(snapshots, settings):
+    def gated(snapshots, settings, *workers):
         gate.wait()
-        return real(snapshots, settings)
+        return real(snapshots, settings, *workers)
 
     monkeypatch.setattr(refresh, "compute_refresh", gated)
     return gate
@@ -370,9 +371,9 @@ def test_best_effort_waits_only_at_the_staleness_bound(monkeypatch):
     real = refresh.compute_refresh
     delay = {"seconds": 0.0}
 
-    def slow(snapshots, settings):
+    def slow(snapshots, settings, *workers):
         time.sleep(delay["seconds"])
-        return real(snapshots, settings)
+        return real(snapshots, settings, *workers)
 
     monkeypatch.setattr(refresh, "compute_refresh", slow)
     model = _model()
@@ -402,9 +403,9 @@ def test_a_background_refresh_that_keeps_training_waiting_is_reported_once(monke
     to change. With lag 0 waiting is what was asked for, and nothing is said."""
     real = refresh.compute_refresh
 
-    def slow(snapshots, settings):
+    def slow(snapshots, settings, *workers):
         time.sleep(0.1)
-        return real(snapshots, settings)
+        return real(snapshots, settings, *workers)
 
     monkeypatch.setattr(refresh, "compute_refresh", slow)
     model = _model()

@@ -1,0 +1,78 @@
+"""Refresh work spread over helper threads that each run torch on one intra-op thread.
+
+A refresh is many independent eigendecompositions, and LAPACK's ``eigh`` gains little from threads inside
+one matrix: measured on the 2-core machine, the char-LM benchmark's factors (14 of 128, 2 of 256 and 384,
+4 of 512, fp32) took 80 ms on one 2-thread team (default wait policy; 590 ms under
+``OMP_WAIT_POLICY=PASSIVE``, where each of ``eigh``'s many small parallel regions pays a wake-up), 100 ms
+on one thread, and 53 ms as the same single-threaded calls on two helper threads side by side. So a
+refresh on ``workers > 1`` CPU threads computes its batches in pieces on ``workers`` helpers, one thread
+each. Every matrix then goes through the same single-threaded LAPACK/BLAS calls whatever ``workers`` is,
+so the results do not depend on it, bitwise (tested).
+
+Helpers are created once per ``workers`` count and kept (idle threads cost nothing; they are joined at
+interpreter exit, and a forked child starts without them). Single-threaded helpers are not OpenMP team
+threads, so they do not trip libgomp's throttling of oversubscribed teams (see :mod:`._cpu`). Only torch's
+OpenMP backend keeps thread counts per thread; on any other backend, :func:`available` is False and the
+caller computes inline.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import cache
+from typing import TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+if hasattr(os, "register_at_fork"):
+    # Threads do not survive fork: a child (a DataLoader worker) must not wait on its parent's helpers.
+    os.register_at_fork(after_in_child=_POOLS.clear)
+
+
+@cache
+def available() -> bool:
+    """Whether torch keeps intra-op thread counts per thread (its OpenMP backend), which helpers need."""
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info()
+
+
+def run_single_threaded(tasks: Sequence[Callable[[], T]], workers: int) -> list[T]:
+    """The results of ``tasks``, in order, computed on ``workers`` helper threads of one intra-op thread
+    each. Submit the costliest first: helpers take tasks in order. The first task that raises re-raises
+    here, after every task has finished."""
+    pool = _pool(workers)
+    futures = [pool.submit(task) for task in tasks]
+    for future in futures:
+        future.exception()  # wait for all before raising, so no task outlives the refresh
+    return [future.result() for future in futures]
+
+
+def _pool(workers: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(workers)
+        if pool is None:
+            # torch.set_num_threads in a helper also sets torch's process-wide default, which threads adopt
+            # at their first parallel op: the caller's own count is read first and put back afterwards.
+            own = torch.get_num_threads()
+            started = threading.Barrier(workers + 1)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="shampoo-refresh")
+            for _ in range(workers):  # each blocks until all have started, so every helper is spawned
+                pool.submit(_start_helper, started)
+            started.wait()
+            torch.set_num_threads(own)
+            _POOLS[workers] = pool
+        return pool
+
+
+def _start_helper(started: threading.Barrier) -> None:
+    # A thread adopts the process-wide default at its first parallel op or thread-count query, replacing any
+    # count set before: query first, so that the 1 set here is what stays.
+    torch.get_num_threads()
+    torch.set_num_threads(1)
+    started.wait()
