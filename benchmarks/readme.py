@@ -41,6 +41,9 @@ def _step_time_row(workload: str, label: str, run: dict[str, Any]) -> list[Any]:
     goals = []
     if workload == "mlp" and label.startswith("Shampoo"):
         goals.append(goal("step", run["step_mean_ratio"], step_time.MLP_STEP_GOAL, at_most=True))
+    if workload == "lm_8k" and label.startswith("Shampoo"):
+        ratio = run["iteration_mean_ratio"]
+        goals.append(goal("iteration", ratio, step_time.LM_8K_ITERATION_GOAL, at_most=True))
     flops = run.get("flop_model")
     if flops:
         goals.append(goal("bound", flops["iteration_mean_over_bound"], step_time.BOUND_GOAL, at_most=True))
