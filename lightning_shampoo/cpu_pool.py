@@ -9,19 +9,20 @@ refresh on ``workers > 1`` CPU threads computes its batches in pieces on ``worke
 each. Every matrix then goes through the same single-threaded LAPACK/BLAS calls whatever ``workers`` is,
 so the results do not depend on it, bitwise (tested).
 
-Helpers are created once per ``workers`` count and kept (idle threads cost nothing; they are joined at
-interpreter exit, and a forked child starts without them). Single-threaded helpers are not OpenMP team
-threads, so they do not trip libgomp's throttling of oversubscribed teams (see :mod:`._cpu`). Only torch's
-OpenMP backend keeps thread counts per thread; on any other backend, :func:`available` is False and the
-caller computes inline.
+Helpers are created once per ``workers`` count and kept: idle threads cost nothing; they are daemon
+threads, so interpreter exit does not wait for them; a forked child starts without them. Single-threaded
+helpers are not OpenMP team threads, so they do not trip libgomp's throttling of oversubscribed teams (see
+:mod:`._cpu`). Only torch's OpenMP backend keeps thread counts per thread; on any other backend,
+:func:`available` is False and the caller computes inline.
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future
 from functools import cache
 from typing import TypeVar
 
@@ -29,7 +30,7 @@ import torch
 
 T = TypeVar("T")
 
-_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS: dict[int, _Helpers] = {}
 _POOLS_LOCK = threading.Lock()
 if hasattr(os, "register_at_fork"):
     # Threads do not survive fork: a child (a DataLoader worker) must not wait on its parent's helpers.
@@ -46,33 +47,50 @@ def run_single_threaded(tasks: Sequence[Callable[[], T]], workers: int) -> list[
     """The results of ``tasks``, in order, computed on ``workers`` helper threads of one intra-op thread
     each. Submit the costliest first: helpers take tasks in order. The first task that raises re-raises
     here, after every task has finished."""
-    pool = _pool(workers)
-    futures = [pool.submit(task) for task in tasks]
+    helpers = _helpers(workers)
+    futures = [helpers.submit(task) for task in tasks]
     for future in futures:
         future.exception()  # wait for all before raising, so no task outlives the refresh
     return [future.result() for future in futures]
 
 
-def _pool(workers: int) -> ThreadPoolExecutor:
+class _Helpers:
+    """``workers`` daemon threads taking tasks from one queue. Daemon, unlike ``ThreadPoolExecutor``'s
+    threads, which interpreter exit joins: exit must not wait for a refresh (as for the refresh worker)."""
+
+    def __init__(self, workers: int) -> None:
+        self._tasks: queue.SimpleQueue[tuple[Future, Callable[[], object]]] = queue.SimpleQueue()
+        # torch.set_num_threads in a helper also sets torch's process-wide default, which threads adopt at
+        # their first parallel op: the caller's own count is read first and put back once all have started.
+        own = torch.get_num_threads()
+        started = threading.Barrier(workers + 1)
+        for index in range(workers):
+            threading.Thread(target=self._serve, args=(started,), name=f"shampoo-refresh-helper-{index}",
+                             daemon=True).start()
+        started.wait()
+        torch.set_num_threads(own)
+
+    def submit(self, task: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        self._tasks.put((future, task))
+        return future
+
+    def _serve(self, started: threading.Barrier) -> None:
+        # A thread adopts the process-wide default at its first parallel op or thread-count query,
+        # replacing any count set before: query first, so that the 1 set here is what stays.
+        torch.get_num_threads()
+        torch.set_num_threads(1)
+        started.wait()
+        while True:
+            future, task = self._tasks.get()
+            try:
+                future.set_result(task())
+            except BaseException as exc:  # handed to the caller, which re-raises it
+                future.set_exception(exc)
+
+
+def _helpers(workers: int) -> _Helpers:
     with _POOLS_LOCK:
-        pool = _POOLS.get(workers)
-        if pool is None:
-            # torch.set_num_threads in a helper also sets torch's process-wide default, which threads adopt
-            # at their first parallel op: the caller's own count is read first and put back afterwards.
-            own = torch.get_num_threads()
-            started = threading.Barrier(workers + 1)
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="shampoo-refresh")
-            for _ in range(workers):  # each blocks until all have started, so every helper is spawned
-                pool.submit(_start_helper, started)
-            started.wait()
-            torch.set_num_threads(own)
-            _POOLS[workers] = pool
-        return pool
-
-
-def _start_helper(started: threading.Barrier) -> None:
-    # A thread adopts the process-wide default at its first parallel op or thread-count query, replacing any
-    # count set before: query first, so that the 1 set here is what stays.
-    torch.get_num_threads()
-    torch.set_num_threads(1)
-    started.wait()
+        if workers not in _POOLS:
+            _POOLS[workers] = _Helpers(workers)
+        return _POOLS[workers]

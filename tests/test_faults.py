@@ -30,15 +30,18 @@ CTRL_C_SCRIPT = textwrap.dedent(
     """
     import sys, threading, torch
     from torch import nn
-    from lightning_shampoo import Shampoo, refresh
+    from lightning_shampoo import Shampoo, refresh, requests
+    never, threads = threading.Event(), None
     if sys.argv[1] == "stuck":  # a worker that never finishes, and a step waiting for it
-        never = threading.Event()
         refresh.compute_refresh = lambda snapshots, settings, *workers: never.wait()
         model, lag = nn.Linear(64, 64), 1
+    elif sys.argv[1] == "stuck_helpers":  # the same on the worker's helper threads (refresh_threads > 1)
+        requests._compute_stack = lambda *arguments: never.wait()
+        model, lag, threads = nn.Linear(64, 64), 1, 2
     else:  # a long refresh in flight (a 3072-wide factor) while training goes on
         model, lag = nn.Linear(3072, 8, bias=False), 50
     opt = Shampoo(model.parameters(), refresh="async", refresh_lag=lag, start_preconditioning_step=1,
-                  precondition_frequency=100, block_size=4096)
+                  precondition_frequency=100, block_size=4096, refresh_threads=threads)
     print("ready", flush=True)
     while True:
         opt.zero_grad()
@@ -48,7 +51,7 @@ CTRL_C_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("worker", ["stuck", "long_refresh"])
+@pytest.mark.parametrize("worker", ["stuck", "stuck_helpers", "long_refresh"])
 def test_ctrl_c_ends_the_process_whatever_the_worker_is_doing(worker: str) -> None:
     process = subprocess.Popen(
         [sys.executable, "-c", CTRL_C_SCRIPT, worker],
