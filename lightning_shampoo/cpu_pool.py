@@ -9,11 +9,11 @@ refresh on ``workers > 1`` CPU threads computes its batches in pieces on ``worke
 each. Every matrix then goes through the same single-threaded LAPACK/BLAS calls whatever ``workers`` is,
 so the results do not depend on it, bitwise (tested).
 
-Helpers are created once per ``workers`` count and kept: idle threads cost nothing; they are daemon
-threads, so interpreter exit does not wait for them; a forked child starts without them. Single-threaded
-helpers are not OpenMP team threads, so they do not trip libgomp's throttling of oversubscribed teams (see
-:mod:`._cpu`). Only torch's OpenMP backend keeps thread counts per thread; on any other backend,
-:func:`available` is False and the caller computes inline.
+Helpers are created once per ``workers`` count and nice value, and kept: idle threads cost nothing; they
+are daemon threads, so interpreter exit does not wait for them; a forked child starts without them.
+Single-threaded helpers are not OpenMP team threads, so they do not trip libgomp's throttling of
+oversubscribed teams (see :mod:`._cpu`). Only torch's OpenMP backend keeps thread counts per thread; on any
+other backend, :func:`available` is False and the caller computes inline.
 """
 
 from __future__ import annotations
@@ -30,11 +30,11 @@ import torch
 
 T = TypeVar("T")
 
-_POOLS: dict[int, _Helpers] = {}
-_POOLS_LOCK = threading.Lock()
+_HELPERS: dict[tuple[int, int], _Helpers] = {}
+_HELPERS_LOCK = threading.Lock()
 if hasattr(os, "register_at_fork"):
     # Threads do not survive fork: a child (a DataLoader worker) must not wait on its parent's helpers.
-    os.register_at_fork(after_in_child=_POOLS.clear)
+    os.register_at_fork(after_in_child=_HELPERS.clear)
 
 
 @cache
@@ -90,7 +90,18 @@ class _Helpers:
 
 
 def _helpers(workers: int) -> _Helpers:
-    with _POOLS_LOCK:
-        if workers not in _POOLS:
-            _POOLS[workers] = _Helpers(workers)
-        return _POOLS[workers]
+    """Helpers for the calling thread: a thread starts with its creator's nice value (Linux), so helpers
+    kept per nice value compute at the priority of whoever calls (the niced refresh worker, or training)."""
+    key = (workers, _niceness())
+    with _HELPERS_LOCK:
+        if key not in _HELPERS:
+            _HELPERS[key] = _Helpers(workers)
+        return _HELPERS[key]
+
+
+def _niceness() -> int:
+    """The calling thread's nice value (per thread on Linux); 0 where the OS has none."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0

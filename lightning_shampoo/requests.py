@@ -148,6 +148,8 @@ def _row_ranges(count: int, workers: int) -> list[slice]:
 
 def _joined(parts: list[Result]) -> Result:
     """One result from the results of consecutive row ranges of a stack."""
+    if len(parts) == 1:
+        return parts[0]
     columns = zip(*(fields_of(part).values() for part in parts), strict=True)
     return type(parts[0])(*(torch.cat(column) for column in columns))
 

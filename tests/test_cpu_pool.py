@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -91,3 +92,25 @@ def test_helpers_leave_the_callers_count_and_the_process_default_alone() -> None
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[0] == "[1, 1, 1] 2 [2]"
+
+
+@pytest.mark.skipif(not hasattr(os, "getpriority"), reason="nice values per thread are Linux's")
+def test_helpers_compute_at_the_callers_priority() -> None:
+    """The background refresh worker is niced below training; the helpers it uses must be too, and those
+    training uses must not be."""
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def niced_caller() -> None:
+        own = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, own, min(19, os.getpriority(os.PRIO_PROCESS, own) + 5))
+        seen["caller"] = niceness()
+        seen["helpers"] = set(cpu_pool.run_single_threaded([niceness] * 4, 2))
+
+    caller = threading.Thread(target=niced_caller)
+    caller.start()
+    caller.join()
+    assert seen["helpers"] == {seen["caller"]}
+    assert set(cpu_pool.run_single_threaded([niceness] * 4, 2)) == {niceness()} != {seen["caller"]}
