@@ -14,6 +14,7 @@ bfloat16 ones run on bfloat16 tensor cores / AMX units).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -59,7 +60,8 @@ def update_statistics(
             factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=alpha)
         else:
             updated = torch.baddbmm(factor.to(unfolded.dtype), unfolded, unfolded.mT, beta=beta2, alpha=alpha)
-            factor.copy_(round_stochastically(0.5 * (updated + updated.mT), generator, symmetric=True))
+            symmetric = torch.add(updated, updated.mT).mul_(0.5)
+            round_stochastically(symmetric, generator, symmetric=True, out=factor)
 
 
 def rounding_generator(
@@ -73,18 +75,26 @@ def rounding_generator(
 
 
 def round_stochastically(
-    values: Tensor, generator: torch.Generator | None, symmetric: bool = False
+    values: Tensor, generator: torch.Generator | None, symmetric: bool = False, out: Tensor | None = None
 ) -> Tensor:
     """float32 → bfloat16, rounding up with probability equal to the distance to the lower neighbour:
     unbiased in expectation. Adds 16 random bits below bfloat16's mantissa and truncates them; with
     ``symmetric`` (a stack of symmetric matrices) entries ``(i, j)`` and ``(j, i)`` share their bits, so the
-    result stays exactly symmetric."""
+    result stays exactly symmetric. Written into ``out`` (a bfloat16 tensor) if given."""
     bits = values.contiguous().view(torch.int32)
     shape, device = values.shape, values.device
     noise = torch.randint(0, 1 << 16, shape, generator=generator, dtype=torch.int32, device=device)
-    if symmetric:
-        noise = noise.triu() + noise.triu(1).mT
-    return ((bits + noise) & -(1 << 16)).view(torch.float32).to(torch.bfloat16)
+    if symmetric:  # the upper triangle's bits, mirrored
+        noise = torch.where(_upper(shape[-1], device), noise, noise.mT)
+    # Exactly a bfloat16 value once the low 16 bits are cleared: the conversion below does not round.
+    truncated = noise.add_(bits).bitwise_and_(-(1 << 16)).view(torch.float32)
+    return truncated.to(torch.bfloat16) if out is None else out.copy_(truncated)
+
+
+@functools.cache
+def _upper(side: int, device: torch.device) -> Tensor:
+    """``(side, side)`` bool mask of the entries on and above the diagonal."""
+    return torch.ones(side, side, dtype=torch.bool, device=device).triu()
 
 
 def precondition(stack: Tensor, roots: Sequence[Tensor | None], dtype: torch.dtype | None = None) -> Tensor:
