@@ -32,9 +32,18 @@ T = TypeVar("T")
 
 _HELPERS: dict[tuple[int, int], _Helpers] = {}
 _HELPERS_LOCK = threading.Lock()
+
+
+def _forget_helpers() -> None:
+    """In a forked child (a DataLoader worker): threads do not survive fork, and the lock may have been
+    held by a thread that did not either."""
+    global _HELPERS_LOCK
+    _HELPERS_LOCK = threading.Lock()
+    _HELPERS.clear()
+
+
 if hasattr(os, "register_at_fork"):
-    # Threads do not survive fork: a child (a DataLoader worker) must not wait on its parent's helpers.
-    os.register_at_fork(after_in_child=_HELPERS.clear)
+    os.register_at_fork(after_in_child=_forget_helpers)
 
 
 @cache

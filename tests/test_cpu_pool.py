@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
@@ -114,3 +116,24 @@ def test_helpers_compute_at_the_callers_priority() -> None:
     caller.join()
     assert seen["helpers"] == {seen["caller"]}
     assert set(cpu_pool.run_single_threaded([niceness] * 4, 2)) == {niceness()} != {seen["caller"]}
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork is POSIX")
+def test_a_forked_child_starts_helpers_of_its_own() -> None:
+    cpu_pool.run_single_threaded([torch.get_num_threads] * 2, 2)  # the parent's helpers exist
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child
+        try:
+            counts = cpu_pool.run_single_threaded([torch.get_num_threads] * 2, 2)
+            os.write(write, repr(counts).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    ready, _, _ = select.select([read], [], [], 60)  # a child waiting on its parent's helpers never writes
+    if not ready:
+        os.kill(child, signal.SIGKILL)
+    _, status = os.waitpid(child, 0)
+    with os.fdopen(read) as pipe:
+        assert ready and pipe.read() == "[1, 1]"
+    assert os.waitstatus_to_exitcode(status) == 0
