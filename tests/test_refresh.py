@@ -130,7 +130,7 @@ def test_a_background_worker_takes_only_the_cores_cpu_training_leaves(two_traini
     assert torch.get_num_threads() == 2  # the training thread's count is left alone
 
 
-def test_a_wide_factor_is_bitwise_too_whatever_the_refresh_threads(two_training_threads):
+def test_a_wide_factor_is_bitwise_too_whatever_the_refresh_threads(two_training_threads, compute_threads):
     # MKL's eigh rounds differently with 1 and 2 threads from d ≈ 700 on. Sync computes on 2 threads and
     # the worker next to 2-thread training on 1; every matrix is decomposed on one thread either way.
     def run(mode):
@@ -148,6 +148,8 @@ def test_a_wide_factor_is_bitwise_too_whatever_the_refresh_threads(two_training_
     (sync_weight, sync_installs), (async_weight, async_installs) = run("sync"), run("async")
     assert sync_installs == async_installs == 1
     assert torch.equal(async_weight, sync_weight)
+    worker = _cpu.background_refresh_threads(2)
+    assert [count for _, count in compute_threads] == [2, worker]  # different counts (on up to 3 cores)
 
 
 def test_the_worker_thread_count_and_priority_leave_the_training_thread_alone(monkeypatch):
