@@ -48,7 +48,7 @@ def set_wait_policy(environ: MutableMapping[str, str] = os.environ, load: float 
 
 
 def background_refresh_threads(training_threads: int, cpus: int | None = None) -> int:
-    """Intra-op threads of a background refresh worker next to CPU training with ``training_threads``:
+    """Threads of a background refresh worker next to CPU training with ``training_threads``:
     the cores it leaves (of ``cpus``, by default those this process may use), at least one."""
     if cpus is None:
         cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -223,9 +223,9 @@ class RefreshEngine:
         settings: how roots and bases are computed.
         mode: ``"sync"``, ``"async"`` or ``"best_effort"`` (see the module docstring).
         lag: steps between a snapshot and the install of its roots (the bound on it for best-effort).
-        threads: intra-op threads for the root computation in every mode; ``None``: in sync mode the
-            training thread's count; for the worker, the cores CPU training leaves (at least one), or
-            torch's count next to GPU training.
+        threads: CPU threads of the computation in every mode (single-threaded helpers when more than one,
+            :func:`_compute`); ``None``: in sync mode the training thread's count; for the worker, the
+            cores CPU training leaves (at least one), or torch's count next to GPU training.
 
     ``close()`` stops the worker and keeps the pending refreshes; a later step restarts the worker,
     which recomputes the unfinished ones, so the trajectory does not change.
