@@ -82,8 +82,8 @@ def intra_op_threads(count: int) -> Iterator[None]:
     inside the body starts with ``count`` threads (DataLoader worker and pin-memory threads set their own).
 
     The count matters for bits: MKL's ``eigh`` rounds differently with 1 and 2 threads for ``d ≳ 700``.
-    A refresh computes inline on one thread or on single-threaded helpers (:func:`_compute`), so every
-    matrix is decomposed on one thread whatever the count.
+    On torch's OpenMP backend a refresh computes inline on one thread or on single-threaded helpers
+    (:func:`_compute`), so every matrix is decomposed on one thread whatever the count.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(count)
